@@ -1,0 +1,183 @@
+"""Training curves: CSV tables for `dvc plots` and book-style matplotlib PNGs.
+
+Rows are plain dicts, one per evaluation, e.g.
+`{"step": 10, "epoch": 0.5, "tokens_seen": 5120, "train_loss": 7.1, "val_loss": 7.4}`.
+The x value for epochs is fractional (progress through training, as the book's
+`torch.linspace(0, num_epochs, len(losses))`), so the curve is smooth, not a staircase.
+
+matplotlib is imported lazily and used without pyplot (a bare `Figure` renders with Agg), so this
+module neither touches global plotting state nor needs a display.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scratchgpt.fileio import atomic_path
+
+#: Legend labels for the usual series; other keys are labelled with the key itself.
+LABELS = {
+    "train_loss": "Training loss",
+    "val_loss": "Validation loss",
+    "train_acc": "Training accuracy",
+    "val_acc": "Validation accuracy",
+    "train_accuracy": "Training accuracy",
+    "val_accuracy": "Validation accuracy",
+}
+_LINESTYLES = ("-", "-.", "--", ":")
+
+
+def write_plot_csv(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], columns: Sequence[str]
+) -> None:
+    """Atomically write `rows` as CSV with exactly `columns` (in that order) for `dvc plots`.
+
+    Every row must have every column (extra keys are ignored); a None value is an empty cell.
+    Floats are written with full round-trip precision.
+    """
+    if not columns:
+        raise ValueError(f"{path}: no columns given")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"{path}: duplicate columns in {list(columns)}")
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise KeyError(f"{path}: row {i} lacks column(s) {missing}; it has {sorted(row)}")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else _cell(row[c]) for c in columns])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _cell(value.item())
+    return str(value)
+
+
+def plot_losses(
+    rows: Sequence[Mapping[str, Any]],
+    path_png: str | os.PathLike[str],
+    *,
+    x_epochs_key: str = "epoch",
+    x_tokens_key: str = "tokens_seen",
+    series: Sequence[str] = ("train_loss", "val_loss"),
+    title: str | None = None,
+) -> Path:
+    """The book's loss plot: loss vs epochs, with tokens seen on a twin top x-axis. Returns the path."""
+    return plot_metric(
+        rows,
+        path_png,
+        x_key=x_epochs_key,
+        series=series,
+        ylabel="Loss",
+        xlabel="Epochs",
+        twin_x_key=x_tokens_key,
+        twin_xlabel="Tokens seen",
+        title=title,
+        legend_loc="upper right",
+    )
+
+
+def plot_metric(
+    rows: Sequence[Mapping[str, Any]],
+    path_png: str | os.PathLike[str],
+    *,
+    x_key: str,
+    series: Sequence[str],
+    ylabel: str,
+    xlabel: str | None = None,
+    twin_x_key: str | None = None,
+    twin_xlabel: str | None = None,
+    title: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    integer_x_ticks: bool = True,
+    legend_loc: str = "best",
+    dpi: int = 150,
+) -> Path:
+    """Plot each of `series` against `x_key` (e.g. accuracy vs epochs, examples seen on top).
+
+    Rows where a series' value is missing, None or NaN are skipped for that series only (e.g.
+    validation measured less often than training). `twin_x_key` adds a top x-axis (tokens or
+    examples seen) aligned with the bottom one, as in the book's figures. Writes the PNG
+    atomically and returns its path.
+    """
+    path = Path(path_png)
+    if not rows:
+        raise ValueError(f"{path}: no rows to plot")
+    if not series:
+        raise ValueError(f"{path}: no series to plot")
+    labels = {**LABELS, **(labels or {})}
+    xs = _column(rows, x_key, path)
+
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
+    plotted = False
+    for i, key in enumerate(series):
+        pts = [(x, _number(r.get(key), key, j, path)) for j, (x, r) in enumerate(zip(xs, rows, strict=True))]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if not pts:
+            continue
+        ax.plot(
+            *zip(*pts, strict=True), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=labels.get(key, key)
+        )
+        plotted = True
+    if not plotted:
+        raise ValueError(f"{path}: none of the series {list(series)} has a value in any row")
+    ax.set_xlabel(xlabel or x_key)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend_loc)
+    if integer_x_ticks:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if twin_x_key is not None:
+        # An invisible line over the same rows against the twin x gives both axes the same data
+        # limits and margins, so the two scales line up (the book's trick). It sits inside the
+        # current y-limits, which are then pinned, so it cannot change the visible scaling.
+        twin_x = _column(rows, twin_x_key, path)
+        used = [t for t, r in zip(twin_x, rows, strict=True) if _has_any(r, series, path)]
+        ylim = ax.get_ylim()
+        top = ax.twiny()
+        top.plot(used, [sum(ylim) / 2] * len(used), alpha=0)
+        ax.set_ylim(ylim)
+        top.set_xlabel(twin_xlabel or twin_x_key)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str, path: Path) -> list[float]:
+    out = []
+    for i, row in enumerate(rows):
+        value = _number(row.get(key), key, i, path)
+        if value is None:
+            raise ValueError(f"{path}: row {i} has no value for x column {key!r}")
+        out.append(value)
+    return out
+
+
+def _has_any(row: Mapping[str, Any], series: Sequence[str], path: Path) -> bool:
+    return any(_number(row.get(k), k, -1, path) is not None for k in series)
+
+
+def _number(value: Any, key: str, row: int, path: Path) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: row {row} column {key!r}: not a number: {value!r}") from None
+    return None if math.isnan(number) else number

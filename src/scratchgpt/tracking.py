@@ -1,0 +1,476 @@
+"""MLflow tracking for pipeline stages: one run per stage execution.
+
+    from scratchgpt.tracking import stage_run
+
+    with stage_run("pretrain", params, preset="cpu", enabled=rank == 0) as run:
+        run.log_metrics({"train_loss": 3.2}, step=10)
+        run.log_artifact("plots/pretrain_loss.png")
+
+Where runs go (first match wins):
+- tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (absolute);
+- project root: `SCRATCHGPT_PROJECT_ROOT`, else `DVC_ROOT` (DVC sets it to the real repository
+  even for `dvc exp run --temp/--queue`), else the nearest ancestor of the cwd holding `dvc.yaml`
+  and `.git` (or `.dvc`), stepping out of a `.dvc/tmp/exps/...` experiment copy, else the cwd;
+- experiment: the `experiment` argument, else the parent run's experiment, else
+  `SCRATCHGPT_MLFLOW_EXPERIMENT`, else "scratchgpt". A new experiment on a local store gets an
+  absolute artifact location (`<store dir>/mlruns/<name>`), so runs and artifacts survive temporary
+  working directories;
+- parent: `SCRATCHGPT_MLFLOW_PARENT_RUN_ID` makes the run a nested child of that run (an
+  orchestrating flow opens the parent with `pipeline_run` and hands `run.child_env()` to each
+  stage's process). `MLFLOW_RUN_ID` is deliberately ignored: reusing a parent through it would
+  mark the parent FINISHED when the child ends.
+- `SCRATCHGPT_TRACKING=0` (or off/false/no) switches tracking off everywhere (a no-op run).
+
+All logging goes through `MlflowClient` with explicit run ids, never the fluent per-thread active
+run, so a `StageRun` can be used from any thread. Only one process should track (DDP rank 0): pass
+`enabled=False` elsewhere to get a no-op run that imports and creates nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from scratchgpt import __version__
+
+# Telemetry must be off before mlflow is first imported (mlflow is imported lazily, below).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger(__name__)
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_EXPERIMENT = "SCRATCHGPT_MLFLOW_EXPERIMENT"
+ENV_PARENT_RUN_ID = "SCRATCHGPT_MLFLOW_PARENT_RUN_ID"
+ENV_PROJECT_ROOT = "SCRATCHGPT_PROJECT_ROOT"
+ENV_TRACKING_SWITCH = "SCRATCHGPT_TRACKING"
+DEFAULT_EXPERIMENT = "scratchgpt"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"
+
+# MLflow's limits (mlflow.utils.validation); kept here so importing this module stays cheap.
+MAX_PARAM_VALUE_LEN = 6000
+MAX_KEY_LEN = 250
+MAX_TAG_VALUE_LEN = 8000
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+_TRUNCATED = "...[truncated]"
+_DVC_EXPS_PARTS = (".dvc", "tmp", "exps")
+_OFF = {"0", "false", "off", "no"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Where runs go
+
+
+def project_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """The project's root directory (absolute), where the default MLflow store lives.
+
+    `SCRATCHGPT_PROJECT_ROOT` wins, then `DVC_ROOT`, then the nearest ancestor of `start` (default:
+    the cwd) holding `dvc.yaml` and `.git` or `.dvc`; a `.dvc/tmp/exps/...` copy made by `dvc exp
+    run --temp/--queue` resolves to the repository that holds it. Falls back to `start` itself.
+    """
+    override = os.environ.get(ENV_PROJECT_ROOT)
+    if override:
+        return Path(override).expanduser().resolve()
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and Path(dvc_root).is_dir() and start is None:
+        return _outside_dvc_exps(Path(dvc_root).resolve())
+    for cand in (here, *here.parents):
+        if (cand / "dvc.yaml").is_file() and ((cand / ".git").exists() or (cand / ".dvc").is_dir()):
+            return _outside_dvc_exps(cand)
+    return _outside_dvc_exps(here)
+
+
+def _outside_dvc_exps(path: Path) -> Path:
+    """Map a path inside `<repo>/.dvc/tmp/exps/<tmpdir>/...` to `<repo>`; other paths unchanged."""
+    parts = path.parts
+    n = len(_DVC_EXPS_PARTS)
+    for i in range(len(parts) - n + 1):
+        if parts[i : i + n] == _DVC_EXPS_PARTS:
+            return Path(*parts[:i])
+    return path
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the project's SQLite store as an absolute URI."""
+    uri = os.environ.get(ENV_TRACKING_URI)
+    if uri:
+        return uri
+    return f"sqlite:///{project_root() / DB_NAME}"
+
+
+def experiment_name(experiment: str | None = None) -> str:
+    """`experiment`, else `SCRATCHGPT_MLFLOW_EXPERIMENT`, else "scratchgpt"."""
+    return experiment or os.environ.get(ENV_EXPERIMENT) or DEFAULT_EXPERIMENT
+
+
+def tracking_enabled() -> bool:
+    """False when `SCRATCHGPT_TRACKING` is 0/false/off/no."""
+    return os.environ.get(ENV_TRACKING_SWITCH, "1").strip().lower() not in _OFF
+
+
+def _local_store_dir(uri: str) -> Path | None:
+    """Directory of a local sqlite/file store (artifacts go beside it); None for servers."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:////abs/path.db -> path "//abs/path.db"; sqlite:///rel.db -> "/rel.db"
+        db = unquote(uri[len("sqlite:///") :])
+        if db in ("", ":memory:"):
+            return None
+        return Path(db).expanduser().resolve().parent
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).resolve()
+    if parsed.scheme == "" and uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """Id of experiment `name`, creating it (with an absolute artifact location on local stores)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        store_dir = _local_store_dir(uri)
+        location = None
+        if store_dir is not None:
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+            location = (store_dir / ARTIFACTS_DIR / safe).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # another process created it first
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise RuntimeError(
+            f"MLflow experiment {name!r} ({uri}) is deleted; restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or pick another name"
+        )
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Params and tags
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings/dataclasses to `{"a.b": "value"}` with MLflow-safe string values.
+
+    Strings stay as they are; other values are JSON (`true`, `null`, `[1, 2]`). Values longer than
+    MLflow's limit are truncated with a marker (the full params are also logged as `params.json`).
+    """
+    if params is None:
+        return {}
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping or dataclass, got {type(params).__name__}")
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        full = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, prefix=f"{full}."))
+            continue
+        if len(full) > MAX_KEY_LEN:
+            raise ValueError(f"param key {full!r} is longer than MLflow's {MAX_KEY_LEN} characters")
+        out[full] = _truncate(_param_str(value), MAX_PARAM_VALUE_LEN)
+    return out
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return json.dumps(value, default=str)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _jsonable(params: Any) -> Any:
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        return dataclasses.asdict(params)
+    return params
+
+
+def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """`{"git_commit": sha, "git_dirty": "true"|"false"}` for the checkout at `cwd`; {} without git."""
+    try:
+        sha = _git(["rev-parse", "HEAD"], cwd)
+        status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": sha.strip(), "git_dirty": "true" if status.strip() else "false"}
+
+
+def _git(args: list[str], cwd) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+
+
+def _default_tags(stage_tag: dict[str, str], preset: str | None) -> dict[str, str]:
+    tags = {**stage_tag, "scratchgpt_version": __version__}
+    if preset is not None:
+        tags["preset"] = preset
+    git = git_info()
+    tags.update(git)
+    if "git_commit" in git:
+        tags["mlflow.source.git.commit"] = git["git_commit"]
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+class StageRun:
+    """One MLflow run; every call logs to it by id (safe from any thread).
+
+    A disabled run (`StageRun.disabled()`) has `run_id = None` and ignores every call.
+    """
+
+    def __init__(self, client, run_id: str | None, *, tracking_uri: str | None, experiment_id: str | None):
+        self._client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+
+    @classmethod
+    def disabled(cls) -> StageRun:
+        return cls(None, None, tracking_uri=None, experiment_id=None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at `step` (MLflow's default step 0 when None)."""
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {key!r}: expected a number, got {value!r}") from None
+            batch.append(Metric(key, number, ts, int(step or 0)))
+        for i in range(0, len(batch), METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[i : i + METRICS_PER_BATCH])
+
+    def log_params(self, params: Any) -> None:
+        """Log a (nested) mapping or dataclass of params as flattened `a.b` keys.
+
+        MLflow params are immutable: re-logging a key with a different value raises.
+        """
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _truncate(_param_str(v), MAX_TAG_VALUE_LEN)) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Copy a file (or a whole directory's contents) into the run's artifacts."""
+        if not self.enabled:
+            return
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        elif p.is_file():
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+        else:
+            raise FileNotFoundError(f"artifact to log not found: {p}")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        """Log `d` as a JSON (or YAML, by `artifact_file`'s extension) artifact."""
+        if self.enabled:
+            self._client.log_dict(self.run_id, _jsonable(d), artifact_file)
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a subprocess whose `stage_run` should nest under this run."""
+        if not self.enabled:
+            return {}
+        exp = self._client.get_experiment(self.experiment_id)
+        return {
+            ENV_TRACKING_URI: self.tracking_uri,
+            ENV_EXPERIMENT: exp.name,
+            ENV_PARENT_RUN_ID: self.run_id,
+        }
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Any,
+    *,
+    preset: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    enabled: bool = True,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun]:
+    """Open one MLflow run for one execution of DVC stage `stage`; end it when the block exits.
+
+    Logs `params` (mapping or dataclass, flattened to `a.b` keys; the full params also as the
+    `params.json` artifact) and tags `dvc_stage`, `preset`, `git_commit`, `git_dirty`,
+    `scratchgpt_version`. Nests under `SCRATCHGPT_MLFLOW_PARENT_RUN_ID` when set. An exception in
+    the block ends the run FAILED (KILLED for Ctrl-C) and propagates. `enabled=False` (e.g. on
+    DDP ranks other than 0) or `SCRATCHGPT_TRACKING=0` yields a no-op run.
+    """
+    with _run({"dvc_stage": stage}, params, preset, experiment, run_name or stage, enabled, tags) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def pipeline_run(
+    name: str,
+    params: Any,
+    *,
+    preset: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    enabled: bool = True,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun]:
+    """A parent run for an orchestrated pipeline; pass `run.child_env()` to each stage's process."""
+    with _run({"pipeline": name}, params, preset, experiment, run_name or name, enabled, tags) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _run(kind_tag, params, preset, experiment, run_name, enabled, extra_tags) -> Iterator[StageRun]:
+    if not (enabled and tracking_enabled()):
+        yield StageRun.disabled()
+        return
+    run = _start(kind_tag, params, preset, experiment, run_name, extra_tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        _end(run, "KILLED", "KeyboardInterrupt")
+        raise
+    except BaseException as exc:
+        _end(run, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    _end(run, "FINISHED", None)
+
+
+def _start(kind_tag, params, preset, experiment, run_name, extra_tags) -> StageRun:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        log.warning("MLFLOW_RUN_ID is set and ignored; nest stage runs with %s instead", ENV_PARENT_RUN_ID)
+    uri = tracking_uri()
+    client = _client(uri)
+    parent_id = os.environ.get(ENV_PARENT_RUN_ID) or None
+    parent = _parent_run(client, parent_id, uri) if parent_id else None
+    if experiment is None and parent is not None:
+        exp_id = parent.info.experiment_id
+    else:
+        exp_id = ensure_experiment(client, experiment_name(experiment), uri)
+
+    tags = _default_tags(kind_tag, preset)
+    tags[MLFLOW_RUN_NAME] = run_name
+    if parent is not None:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_id
+    tags = {**_context_tags(tags), **tags, **(extra_tags or {})}
+    created = client.create_run(
+        exp_id, tags={k: _truncate(str(v), MAX_TAG_VALUE_LEN) for k, v in tags.items()}, run_name=run_name
+    )
+    run = StageRun(client, created.info.run_id, tracking_uri=uri, experiment_id=exp_id)
+    try:
+        if params is not None:
+            run.log_params(params)
+            run.log_dict(params, "params.json")
+    except BaseException as exc:
+        _end(run, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    log.info(
+        "MLflow run %s (%s) in experiment %s at %s%s",
+        run.run_id,
+        run_name,
+        exp_id,
+        uri,
+        f", nested under {parent_id}" if parent else "",
+    )
+    return run
+
+
+def _parent_run(client, parent_id: str, uri: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException as exc:
+        raise RuntimeError(f"{ENV_PARENT_RUN_ID}={parent_id}: no such MLflow run in {uri}") from exc
+    if parent.info.lifecycle_stage != "active":
+        raise RuntimeError(f"{ENV_PARENT_RUN_ID}={parent_id}: the parent run is deleted")
+    if parent.info.status != "RUNNING":
+        log.warning("parent MLflow run %s is %s, not RUNNING", parent_id, parent.info.status)
+    return parent
+
+
+def _context_tags(user_tags: dict[str, str]) -> dict[str, str]:
+    """MLflow's own default tags (user, source name/type), as the fluent `start_run` adds them."""
+    try:
+        from mlflow.tracking.context import registry
+
+        return dict(registry.resolve_tags(user_tags))
+    except Exception as exc:  # tags are a nicety; never fail a stage over them
+        log.debug("could not resolve MLflow context tags: %s", exc)
+        return {}
+
+
+def _end(run: StageRun, status: str, error: str | None) -> None:
+    try:
+        if error:
+            run.set_tags({"error": error})
+        run._client.set_terminated(run.run_id, status=status)
+    except Exception:
+        if status == "FINISHED":
+            raise
+        # Don't let a tracking failure mask the exception that ended the stage.
+        log.exception("could not mark MLflow run %s as %s", run.run_id, status)
