@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -42,16 +41,8 @@ BOOK_IDS = [
 
 
 @pytest.fixture(scope="module")
-def mirror() -> Path:
-    value = os.environ.get("SCRATCHGPT_MIRROR")
-    if not value:
-        raise RuntimeError(
-            "SCRATCHGPT_MIRROR is not set: point it at the data mirror (e.g. ../shared/mirror)"
-        )
-    path = Path(value)
-    if not (path / "vocab.bpe").is_file():
-        raise RuntimeError(f"SCRATCHGPT_MIRROR={value}: no vocab.bpe there")
-    return path
+def mirror(mirror_dir: Path) -> Path:
+    return mirror_dir
 
 
 @pytest.fixture(scope="module")
