@@ -1,0 +1,148 @@
+"""Text generation: greedy decoding, temperature, top-k and top-p sampling, with or without a KV cache.
+
+`generate_stream` yields one token column at a time; `generate` collects them. Both crop the input
+to the model's context window the way the book does, so cached and uncached greedy decoding give the
+same tokens even once the sequence outgrows the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from scratchgpt.model import GPTModel, KVCache
+
+
+def generate(
+    model: GPTModel,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Return `idx` (B, T) followed by up to `max_new_tokens` generated ids (B, T + n).
+
+    `temperature == 0` is greedy (argmax); otherwise logits are filtered by `top_k`, divided by the
+    temperature, filtered by `top_p` (nucleus) and sampled with `generator`. Generation stops early
+    once every row has produced `eos_id`; the final `eos_id` is not appended (as in the book), and a
+    row that finished before the others is padded with `eos_id`.
+    """
+    out = torch.empty(idx.shape[0], idx.shape[1] + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    out[:, : idx.shape[1]] = idx
+    n = idx.shape[1]
+    for token in generate_stream(
+        model,
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        use_cache=use_cache,
+        generator=generator,
+    ):
+        out[:, n : n + 1] = token
+        n += 1
+    return out[:, :n]
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: GPTModel,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token ids (B, 1) one step at a time; see `generate` for the arguments."""
+    _check_args(idx, max_new_tokens, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        context = model.cfg.context_length
+        caches = model.new_kv_cache(idx.shape[0]) if use_cache else None
+        seq = idx
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = _next_logits(model, seq, context, caches)
+            token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_id is not None:
+                token = token.masked_fill(finished.unsqueeze(1), eos_id)
+                finished |= token.squeeze(1) == eos_id
+                if finished.all():
+                    return
+            seq = torch.cat([seq, token], dim=1)
+            yield token
+    finally:
+        model.train(was_training)
+
+
+def _next_logits(model: GPTModel, seq: Tensor, context: int, caches: list[KVCache] | None) -> Tensor:
+    """Logits (B, vocab) for the token after `seq`, seeing at most the last `context` tokens."""
+    if caches is None:
+        return model(seq[:, -context:])[:, -1]
+    position = caches[0].pos
+    if position == 0 or position >= context:
+        # First step, or the window is full and slides: positions shift, so the cache is rebuilt
+        # from the cropped window (exactly what the uncached model sees).
+        for cache in caches:
+            cache.reset()
+        return model(seq[:, -context:], caches)[:, -1]
+    return model(seq[:, -1:], caches)[:, -1]
+
+
+def next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next token id (B, 1) from last-position logits (B, vocab)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches `top_p`."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _check_args(
+    idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty (batch, tokens) tensor, got shape {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
