@@ -123,6 +123,15 @@ def test_project_root_steps_out_of_dvc_exp_temp_copy(project, monkeypatch):
     shutil.rmtree(project / ".dvc" / "tmp")
 
 
+def test_tracking_uri_from_env_is_kept_relative_sqlite_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for uri in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path}/a.db"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking.tracking_uri() == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/m.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/rel/m.db"
+
+
 def test_project_root_env_overrides(project, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert project_root() == tmp_path  # nothing found: the cwd

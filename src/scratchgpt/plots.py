@@ -32,9 +32,7 @@ LABELS = {
 _LINESTYLES = ("-", "-.", "--", ":")
 
 
-def write_plot_csv(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], columns: Sequence[str]
-) -> None:
+def write_plot_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], columns: Sequence[str]) -> None:
     """Atomically write `rows` as CSV with exactly `columns` (in that order) for `dvc plots`.
 
     Every row must have every column (extra keys are ignored); a None value is an empty cell.
@@ -129,9 +127,7 @@ def plot_metric(
         pts = [(x, y) for x, y in pts if y is not None]
         if not pts:
             continue
-        ax.plot(
-            *zip(*pts, strict=True), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=labels.get(key, key)
-        )
+        ax.plot(*zip(*pts, strict=True), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=labels.get(key, key))
         plotted = True
     if not plotted:
         raise ValueError(f"{path}: none of the series {list(series)} has a value in any row")

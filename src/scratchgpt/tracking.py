@@ -103,9 +103,17 @@ def _outside_dvc_exps(path: Path) -> Path:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else the project's SQLite store as an absolute URI."""
+    """`MLFLOW_TRACKING_URI` if set, else the project's SQLite store as an absolute URI.
+
+    A relative SQLite path in the environment is made absolute (against the cwd, as MLflow would
+    resolve it), so it means the same store when handed on to a child process in another directory.
+    """
     uri = os.environ.get(ENV_TRACKING_URI)
     if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            db = uri[len("sqlite:///") :]
+            if db and db != ":memory:":
+                return f"sqlite:///{Path(db).expanduser().absolute()}"
         return uri
     return f"sqlite:///{project_root() / DB_NAME}"
 
@@ -233,9 +241,7 @@ def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, str]:
 
 
 def _git(args: list[str], cwd) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
-    ).stdout
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout
 
 
 def _default_tags(stage_tag: dict[str, str], preset: str | None) -> dict[str, str]:
