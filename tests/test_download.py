@@ -41,11 +41,8 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def mirror() -> Path:
-    value = os.environ.get("SCRATCHGPT_MIRROR")
-    if not value:
-        raise RuntimeError("SCRATCHGPT_MIRROR is not set: point it at the data mirror (e.g. ../shared/mirror)")
-    return Path(value).resolve()
+def mirror(mirror_dir: Path) -> Path:
+    return mirror_dir
 
 
 @pytest.fixture
