@@ -1,0 +1,314 @@
+"""Streaming encoding of a pretraining corpus into one Parquet column of GPT-2 token ids.
+
+The corpus is a list of UTF-8 text files, one document each. Their token stream is
+`enc(doc_1) + [<|endoftext|>] + enc(doc_2) + ...` — exactly what encoding the documents joined by
+the text `<|endoftext|>` with that special token allowed gives (a document's own text is always
+encoded as ordinary text).
+
+Memory stays flat in the corpus size: files are read in blocks, cut into chunks at points where
+GPT-2's pre-tokenizer is guaranteed to split anyway (so chunked encoding equals whole-text
+encoding), encoded a batch of chunks at a time with tiktoken's threaded `encode_ordinary_batch`,
+and written incrementally with a `pyarrow.parquet.ParquetWriter` while the next batch encodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tiktoken
+from tqdm import tqdm
+
+from scratchgpt.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+TOKEN_COLUMN = "token"
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of text per encode call: big enough to amortise, small for memory
+DEFAULT_ROW_GROUP_TOKENS = 1 << 20
+METADATA_KEY = b"scratchgpt.corpus"  # Parquet key-value metadata: the documents and their counts
+
+# A safe chunk boundary: one space or newline with a non-whitespace character on both sides.
+# GPT-2's pattern (see tokenizer.GPT2_PAT_STR) never puts such a character in the same piece as
+# the one before it, and the piece starting there does not depend on anything before it (the
+# pattern has no look-behind), so text[:p] and text[p:] encode to the halves of the whole.
+# Python's \S excludes every character Unicode calls White_Space (and U+001C..U+001F besides), so
+# this is at least as strict as the tokenizer's own \s.
+_CUT_RE = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+class CorpusError(ValueError):
+    """The corpus is empty, unreadable or not UTF-8."""
+
+
+@dataclass
+class TokenizeParams:
+    """`tokenize` section of params.yaml."""
+
+    # The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order.
+    corpus: list[str] = field(default_factory=lambda: ["data/raw/the-verdict.txt"])
+    # Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
+    # pre-tokenizer splits anyway); bounds memory at about 2 * num_threads chunks.
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Encoder threads; 0 = one per CPU. Does not change the output.
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, list) or not all(isinstance(p, str) and p for p in self.corpus):
+            raise ValueError(f"corpus must be a list of file paths, got {self.corpus!r}")
+        if not self.corpus:
+            raise ValueError("corpus is empty: list at least one text file")
+        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
+        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
+            raise ValueError(f"num_threads must be 0 (all CPUs) or a positive integer, got {self.num_threads!r}")
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ids 0..n_vocab-1 (uint16 for GPT-2)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_vocab - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def iter_utf8_blocks(path: str | os.PathLike[str], block_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[str]:
+    """Decode a file as strict UTF-8, `block_bytes` at a time (a character split across blocks is
+    carried over). Invalid UTF-8 is a CorpusError naming the file and the byte offset."""
+    offset = 0  # file offset of data[0]
+    pending = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            data = pending + block if pending else block
+            if not data:
+                return
+            try:
+                text, pending = data.decode("utf-8"), b""
+            except UnicodeDecodeError as exc:
+                truncated_tail = block and exc.end == len(data) and exc.reason == "unexpected end of data"
+                if not truncated_tail:
+                    raise CorpusError(
+                        f"{path}: not valid UTF-8 at byte offset {offset + exc.start} ({exc.reason})"
+                    ) from None
+                text, pending = data[: exc.start].decode("utf-8"), data[exc.start :]
+            offset += len(data) - len(pending)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """A whole file as strict UTF-8; an error names the file and the byte offset."""
+    return "".join(iter_utf8_blocks(path, 1 << 24))
+
+
+def safe_cut(text: str) -> int:
+    """The last index p > 0 where `text` may be cut with encode(text[:p]) + encode(text[p:]) ==
+    encode(text) for GPT-2's tokenizer; 0 when there is none."""
+    window = 4096
+    while True:
+        start = max(0, len(text) - window)
+        last = None
+        for last in _CUT_RE.finditer(text, start):  # noqa: B007 — only the last match is wanted
+            pass
+        if last is not None:
+            return last.start()
+        if start == 0:
+            return 0
+        window *= 8
+
+
+def iter_chunks(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[str]:
+    """A file's text in chunks of about `chunk_bytes`, cut only at `safe_cut` points.
+
+    A stretch with no safe point (e.g. one enormous word) is carried forward until one appears.
+    """
+    buf = ""
+    for block in iter_utf8_blocks(path, chunk_bytes):
+        buf = buf + block if buf else block
+        cut = safe_cut(buf)
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+@dataclass
+class DocumentStats:
+    path: str
+    bytes: int = 0
+    characters: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class CorpusStats:
+    """What `encode_corpus` wrote; `tokens` counts the whole stream, separators included."""
+
+    documents: list[DocumentStats] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def characters(self) -> int:
+        return sum(d.characters for d in self.documents)
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.bytes for d in self.documents)
+
+    def metrics(self) -> dict[str, float | int]:
+        """Flat numbers for metrics/tokenize.json."""
+        return {
+            "documents": len(self.documents),
+            "characters": self.characters,
+            "bytes": self.bytes,
+            "tokens": self.tokens,
+            "chars_per_token": round(self.characters / self.tokens, 4) if self.tokens else 0.0,
+        }
+
+
+class _TokenSink:
+    """Appends token-id lists to a Parquet column in row groups of `row_group_tokens`."""
+
+    def __init__(self, writer: pq.ParquetWriter, dtype: np.dtype, row_group_tokens: int) -> None:
+        self.writer, self.dtype, self.row_group_tokens = writer, dtype, row_group_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+
+    def append(self, ids: np.ndarray) -> None:
+        self.buffer.append(ids)
+        self.buffered += len(ids)
+        if self.buffered >= self.row_group_tokens:
+            self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        if not self.buffered:
+            return
+        data = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        full = len(data) if final else len(data) - len(data) % self.row_group_tokens
+        for start in range(0, full, self.row_group_tokens):
+            column = pa.array(data[start : min(start + self.row_group_tokens, full)])
+            self.writer.write_table(pa.table({TOKEN_COLUMN: column}))
+        rest = data[full:]
+        self.buffer, self.buffered = ([rest], len(rest)) if len(rest) else ([], 0)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_corpus(
+    paths: Sequence[str | os.PathLike[str]],
+    enc: tiktoken.Encoding,
+    out_path: str | os.PathLike[str],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_threads: int | None = None,
+    row_group_tokens: int = DEFAULT_ROW_GROUP_TOKENS,
+    compression: str = "zstd",
+    progress: bool = True,
+) -> CorpusStats:
+    """Encode the documents `paths` into `out_path`: a Parquet file with one column `token`.
+
+    Documents are separated by `enc.eot_token`. Memory use is bounded by
+    `chunk_bytes * 2 * num_threads` of text plus their tokens, whatever the corpus size. The
+    output appears atomically; on any error nothing is left at `out_path`.
+    """
+    if not paths:
+        raise CorpusError("empty corpus: no documents given")
+    sizes = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise CorpusError(f"{p}: corpus file not found")
+        sizes.append(Path(p).stat().st_size)
+        if sizes[-1] == 0:
+            raise CorpusError(f"{p}: corpus file is empty")
+    threads = num_threads or os.cpu_count() or 1
+    dtype = token_dtype(enc.n_vocab)
+    stats = CorpusStats()
+    eot = np.array([enc.eot_token], dtype=dtype)
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+
+    def pieces() -> Iterator[tuple[DocumentStats, bool, str]]:
+        for p in paths:
+            doc = DocumentStats(path=str(p))
+            stats.documents.append(doc)
+            for i, text in enumerate(iter_chunks(p, chunk_bytes)):
+                yield doc, i == 0, text
+
+    def write(sink: _TokenSink, group: list[tuple[DocumentStats, bool, str]], ids: list[list[int]]) -> None:
+        for (doc, starts_doc, text), chunk_ids in zip(group, ids, strict=True):
+            if starts_doc and stats.tokens:
+                sink.append(eot)
+                stats.tokens += 1
+            sink.append(np.fromiter(chunk_ids, dtype=dtype, count=len(chunk_ids)))
+            n_bytes = len(text.encode("utf-8"))
+            doc.bytes += n_bytes
+            doc.characters += len(text)
+            doc.tokens += len(chunk_ids)
+            stats.tokens += len(chunk_ids)
+            bar.update(n_bytes)
+
+    schema = pa.schema([(TOKEN_COLUMN, pa.from_numpy_dtype(dtype))])
+    # The writer thread is shut down (its last write finished) before the writer closes.
+    with (
+        bar,
+        atomic_path(out_path) as tmp,
+        pq.ParquetWriter(tmp, schema, compression=compression) as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="parquet") as io,
+    ):
+        sink = _TokenSink(writer, dtype, row_group_tokens)
+        pending: Future | None = None
+        # Encode batch k+1 on `threads` threads while the writer thread stores batch k.
+        for group in _batched(pieces(), 2 * threads):
+            ids = enc.encode_ordinary_batch([text for _, _, text in group], num_threads=threads)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(write, sink, group, ids)
+        if pending is not None:
+            pending.result()
+        sink.flush()
+        documents = [asdict(d) for d in stats.documents]
+        meta = {"eot_token": enc.eot_token, "tokens": stats.tokens, "documents": documents}
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    log.info(
+        "encoded %d document(s), %d characters into %d tokens -> %s",
+        len(stats.documents),
+        stats.characters,
+        stats.tokens,
+        out_path,
+    )
+    return stats
+
+
+def read_tokens(path: str | os.PathLike[str]) -> np.ndarray:
+    """The whole token stream written by `encode_corpus`, as a 1-D array of its unsigned dtype."""
+    table = pq.read_table(path, columns=[TOKEN_COLUMN], memory_map=True)
+    return table.column(TOKEN_COLUMN).to_numpy()
+
+
+def corpus_metadata(path: str | os.PathLike[str]) -> dict:
+    """The documents and counts `encode_corpus` stored in the file's metadata."""
+    meta = pq.ParquetFile(path).metadata.metadata or {}
+    if METADATA_KEY not in meta:
+        raise CorpusError(f"{path}: not a token file written by encode_corpus (no corpus metadata)")
+    return json.loads(meta[METADATA_KEY])
