@@ -170,7 +170,7 @@ def test_writes_row_groups_incrementally_with_bounded_chunks(
     out = tmp_path / "t.parquet"
     stats = encode_corpus(documents, spy, out, chunk_bytes=8192, num_threads=2, row_group_tokens=4096, progress=False)
     assert len(spy.calls) > 20
-    assert all(len(batch) <= 4 for batch in spy.calls)  # 2 * num_threads chunks per call
+    assert all(len(batch) <= 2 for batch in spy.calls)  # num_threads chunks per call
     assert max(max(batch) for batch in spy.calls) < 2 * 8192
     meta = pq.ParquetFile(out).metadata
     assert meta.num_row_groups == -(-stats.tokens // 4096)
