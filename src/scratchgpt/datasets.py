@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -33,8 +32,6 @@ from torch.utils.data import Dataset
 
 from scratchgpt.corpus import read_utf8, token_dtype
 from scratchgpt.fileio import atomic_dir, atomic_path
-
-log = logging.getLogger(__name__)
 
 WINDOW_COLUMN = "window"
 ROW_GROUP_BYTES = 1 << 20  # window row groups of ~1 MiB: one random read decodes little
@@ -84,13 +81,6 @@ class SampleParams:
             raise ValueError("spam_train_ratio + spam_val_ratio must leave a test split (sum < 1)")
         if self.instruct_train_ratio + self.instruct_test_ratio >= 1:
             raise ValueError("instruct_train_ratio + instruct_test_ratio must leave a validation split (sum < 1)")
-
-
-def write_parquet(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """Write `table` to `path` atomically (zstd-compressed unless told otherwise)."""
-    kwargs.setdefault("compression", "zstd")
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **kwargs)
 
 
 def _ids_array(ids: Sequence[Sequence[int]], dtype: np.dtype) -> pa.Array:
