@@ -576,13 +576,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, max_batches: int | None) -> dict[str, float]:
-        """Mean loss (and metrics) over the first `max_batches` batches of `dataset` (None: all).
+        """Mean loss (and metrics) over the first `max_batches` global batches of `dataset` (None: all).
 
-        The samples are shared out among ranks and the sums all-reduced, so every rank gets the same
-        answer, equal to a single process's. Means are weighted by batch size.
+        A global batch is `batch_size * world_size` samples. The samples are shared out among ranks
+        and the sums all-reduced, so every rank gets the same answer, equal to a single process's
+        with batch size `batch_size * world_size`. Means are weighted by batch size.
         """
         b = self.cfg.batch_size
-        n = len(dataset) if max_batches is None else min(len(dataset), max_batches * b)
+        n = len(dataset) if max_batches is None else min(len(dataset), max_batches * b * self.dist.world_size)
         mine = list(range(self.dist.rank, n, self.dist.world_size))
         names = ["loss", *self.metric_fns]
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64

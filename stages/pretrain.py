@@ -1,0 +1,71 @@
+"""DVC stage `pretrain`: train a GPT from scratch on the sample stage's token windows (book ch. 5).
+
+Reads the `pretrain` and `sample` sections of params.yaml and data/processed/pretrain/{train,val}.parquet
+(plus the GPT-2 vocabulary in data/raw for the epoch-end text samples). Writes the checkpoint
+models/pretrain/ (model.safetensors, config.json, trainer_state.pt), metrics/pretrain.json and
+plots/pretrain_loss.{csv,png}, and logs one MLflow run.
+
+With `pretrain.train.resume: auto` a killed run continues from its last checkpoint (models/pretrain
+is a persistent DVC output); a checkpoint made with other params or data is not resumed from.
+
+Distributed: `torchrun --standalone --nproc_per_node N stages/pretrain.py` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from scratchgpt import distributed
+from scratchgpt.datasets import SampleParams
+from scratchgpt.params import ParamsError, load_section
+from scratchgpt.pretrain import PretrainParams, PretrainPaths, run_pretrain
+from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
+
+log = logging.getLogger("stages.pretrain")
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = PretrainPaths()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="train/val Parquet windows")
+    parser.add_argument("--vocab-dir", type=Path, default=defaults.vocab_dir, help="vocab.bpe + encoder.json")
+    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="checkpoint directory")
+    parser.add_argument("--metrics", type=Path, default=defaults.metrics, help="metrics JSON to write")
+    parser.add_argument("--plot-csv", type=Path, default=defaults.plot_csv, help="loss curve table (DVC plot)")
+    parser.add_argument("--plot-png", type=Path, default=defaults.plot_png, help="loss curve image")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    paths = PretrainPaths(
+        data_dir=args.data_dir,
+        vocab_dir=args.vocab_dir,
+        out_dir=args.out_dir,
+        metrics=args.metrics,
+        plot_csv=args.plot_csv,
+        plot_png=args.plot_png,
+    )
+    try:
+        params = load_section(PretrainParams, "pretrain", args.params)
+        sample = load_section(SampleParams, "sample", args.params)
+        metrics = run_pretrain(params, sample, paths)
+    except (ParamsError, NonFiniteLossError, CheckpointMismatchError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from exc
+    finally:
+        distributed.teardown()
+    if metrics is not None:
+        log.info(
+            "final train loss %.3f, val loss %.3f (perplexity %.1f), %d tokens at %.0f tokens/s",
+            metrics["train_loss"],
+            metrics["val_loss"],
+            metrics["val_perplexity"],
+            metrics["tokens_seen"],
+            metrics["tokens_per_s"],
+        )
+
+
+if __name__ == "__main__":
+    main()
