@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -109,6 +110,16 @@ def test_config_rejects_unknown_keys_and_both_warmups():
 def test_config_from_yaml_lists():
     cfg = from_dict(TrainConfig, {"betas": [0.9, 0.95], "eval_iter": None}, "t")
     assert cfg.betas == (0.9, 0.95) and cfg.eval_iter is None
+
+
+def test_config_reads_floats_as_dvc_writes_them():
+    """`dvc exp run -S pretrain.train.eps=1e-7` leaves `eps: 1e-07` in params.yaml: a string to PyYAML."""
+    raw = yaml.safe_load("eps: 1e-07\nlr: 5e-05\nbetas: [0.9, 1e-01]\n")
+    assert raw["eps"] == "1e-07"
+    cfg = from_dict(TrainConfig, raw, "t")
+    assert (cfg.eps, cfg.lr, cfg.betas) == (1e-7, 5e-5, (0.9, 0.1))
+    with pytest.raises(ParamsError, match="lr must be a finite number"):
+        from_dict(TrainConfig, {"lr": "fast"}, "t")
 
 
 # --- optimizer groups and schedule ----------------------------------------------------------------

@@ -180,7 +180,7 @@ def run_pretrain(
                 params.start_context,
                 params.sample_tokens,
             ),
-            fingerprint={"model": cfg.to_dict(), "data": data, "sample": dataclasses.asdict(sample)},
+            fingerprint={"model": cfg.to_dict(), "data": data, "code": code_digest()},
             checkpoint_extra={"pretrain": dataclasses.asdict(params), "data_sha256": data},
             desc=STAGE,
         )
@@ -194,6 +194,17 @@ def run_pretrain(
             run.log_artifact(path)
         run.log_text(_samples_text(result), "samples/all_epochs.txt")
     return metrics
+
+
+def code_digest() -> dict[str, str]:
+    """Hashes of the modules that decide what training computes.
+
+    Part of the checkpoint fingerprint: DVC reruns the stage when this code changes, and the rerun
+    must train afresh rather than resume from (or reuse) a checkpoint the old code made.
+    """
+    from scratchgpt import losses, model, optim, training
+
+    return {m.__name__: file_digest(m.__file__) for m in (model, training, optim, losses)}
 
 
 def stage_metrics(result: TrainResult, n_params: int) -> dict[str, float]:

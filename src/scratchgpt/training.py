@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -67,6 +68,19 @@ _DEVICES = ("auto", "cpu", "cuda", "mps")
 # Fields that change how a run is executed or saved, not what it computes: a checkpoint made with
 # other values is still resumable.
 _OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every")
+_FLOAT_FIELDS = ("lr", "min_lr", "warmup_ratio", "weight_decay", "eps", "grad_clip")
+_YAML12_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def yaml12_float(value: Any) -> Any:
+    """`"1e-05"` -> 1e-05; anything else unchanged.
+
+    `dvc exp run -S key=1e-5` writes the float back as `1e-05`, a float in YAML 1.2 but a string to
+    PyYAML (YAML 1.1 wants a dot in the mantissa), so params.yaml can hold such strings.
+    """
+    if isinstance(value, str) and _YAML12_FLOAT.match(value.strip()):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -119,8 +133,10 @@ class TrainConfig:
     """DataLoader worker processes for the training set (0: load in the training process)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, yaml12_float(getattr(self, name)))
+        if isinstance(self.betas, list | tuple):
+            self.betas = tuple(yaml12_float(b) for b in self.betas)
         _check_int(self, "epochs", 1)
         _check_int(self, "batch_size", 1)
         _check_int(self, "grad_accum_steps", 1)
@@ -190,7 +206,8 @@ class Callback:
         """After each optimizer step; `trainer.step` is the number of steps done."""
 
     def on_eval(self, trainer: Trainer, record: dict[str, float]) -> None:
-        """After each periodic evaluation; `record` is the new `history` row."""
+        """After each evaluation (periodic, and the final one if at a new step); `record` is the
+        new `history` row."""
 
     def on_sample(self, trainer: Trainer, sample: dict[str, Any]) -> None:
         """After the epoch-end sample: `{"epoch": int, "step": int, "text": str}`."""
@@ -549,6 +566,8 @@ class Trainer:
         final = self._evaluate_both(self.cfg.final_eval_iter)
         if not self.history or self.history[-1]["step"] != self.step:
             self.history.append(self._record(final))
+            for cb in self.callbacks:
+                cb.on_eval(self, self.history[-1])
         result = TrainResult(
             history=list(self.history),
             final=final,
@@ -853,6 +872,11 @@ class TrackingCallback(Callback):
 
     def __init__(self, run: Any) -> None:
         self.run = run
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        # A resumed run's tracking run starts empty: give it the curve so far.
+        for record in trainer.history:
+            self.on_eval(trainer, record)
 
     def on_eval(self, trainer: Trainer, record: dict[str, float]) -> None:
         self.run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
