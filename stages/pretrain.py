@@ -6,7 +6,8 @@ models/pretrain/ (model.safetensors, config.json, trainer_state.pt), metrics/pre
 plots/pretrain_loss.{csv,png}, and logs one MLflow run.
 
 With `pretrain.train.resume: auto` a killed run continues from its last checkpoint (models/pretrain
-is a persistent DVC output); a checkpoint made with other params or data is not resumed from.
+is a persistent DVC output); a checkpoint made with other params, data or training code is not
+resumed from: training starts afresh and overwrites it.
 
 Distributed: `torchrun --standalone --nproc_per_node N stages/pretrain.py` (gloo on CPU, NCCL on GPU).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from scratchgpt import distributed
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot-png", type=Path, default=defaults.plot_png, help="loss curve image")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 does the talking
+        logging.getLogger().setLevel(logging.WARNING)
 
     paths = PretrainPaths(
         data_dir=args.data_dir,

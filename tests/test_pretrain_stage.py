@@ -162,7 +162,7 @@ def test_rerun_resumes_the_finished_checkpoint_and_a_new_model_config_restarts(w
     caplog.clear()
     set_params(workdir, pretrain={"model": {"drop_rate": 0.0}})  # the trainer sees it only via the fingerprint
     run_stage()
-    assert "made with other params or data" in caplog.text and "resuming" not in caplog.text
+    assert "made with other params, data or code" in caplog.text and "resuming" not in caplog.text
     assert json.loads((workdir / "models" / "pretrain" / "config.json").read_text())["model"]["drop_rate"] == 0.0
 
 

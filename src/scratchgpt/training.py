@@ -40,14 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from scratchgpt import distributed, fileio, optim
+from scratchgpt import checkpoint, distributed, fileio, optim
 from scratchgpt.distributed import DistInfo
+from scratchgpt.model import GPTModel
 
 log = logging.getLogger(__name__)
 
@@ -359,14 +361,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def save_weights(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None:
     """Write `model.safetensors` + `config.json` into `directory` (GPTModel: `checkpoint.save_model`)."""
-    from scratchgpt.checkpoint import save_model
-    from scratchgpt.model import GPTModel
-
     if isinstance(model, GPTModel):
-        save_model(model, directory, extra=extra)
+        checkpoint.save_model(model, directory, extra=extra)
         return
-    import safetensors.torch
-
     with fileio.atomic_path(directory / WEIGHTS_FILE) as tmp:
         safetensors.torch.save_model(model, str(tmp))
     fileio.write_json(directory / CONFIG_FILE, extra)
@@ -374,15 +371,9 @@ def save_weights(model: nn.Module, directory: Path, extra: dict[str, Any]) -> No
 
 def load_weights(model: nn.Module, directory: Path) -> None:
     """Load `directory/model.safetensors` into `model` in place (strict names and shapes)."""
-    from scratchgpt.checkpoint import load_weights as load_gpt_weights
-    from scratchgpt.checkpoint import read_safetensors
-    from scratchgpt.model import GPTModel
-
     if isinstance(model, GPTModel):
-        load_gpt_weights(model, read_safetensors(directory / WEIGHTS_FILE))
+        checkpoint.load_weights(model, checkpoint.read_safetensors(directory / WEIGHTS_FILE))
         return
-    import safetensors.torch
-
     device = next(model.parameters()).device
     safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
 
@@ -581,7 +572,8 @@ class Trainer:
             resumed_from_step=self.resumed_from_step,
             samples=list(self.samples),
         )
-        log.info(
+        log.log(
+            logging.INFO if self.dist.is_main else logging.DEBUG,
             "done: %d steps, %d tokens, final train loss %.3f, val loss %s, %.0f tokens/s",
             result.step,
             result.tokens_seen,
@@ -679,7 +671,7 @@ class Trainer:
         state = read_trainer_state(found)
         if state["fingerprint"] != self.fingerprint:
             log.warning(
-                "checkpoint in %s was made with other params or data (fingerprint %s, now %s): "
+                "checkpoint in %s was made with other params, data or code (fingerprint %s, now %s): "
                 "starting afresh; it will be overwritten",
                 found,
                 state["fingerprint"],
@@ -697,7 +689,8 @@ class Trainer:
         restore_rng(state["rng"][self.dist.rank])
         self.resumed_from_step = self.step
         self._last_saved_step = self.step
-        log.info(
+        log.log(
+            logging.INFO if self.dist.is_main else logging.DEBUG,
             "resuming from %s: step %d of %d (epoch %d, %d tokens seen)",
             found,
             self.step,
