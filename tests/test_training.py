@@ -218,6 +218,16 @@ def test_seeded_cpu_runs_are_bit_identical_and_the_seed_matters():
     assert not all(torch.equal(w1[k], w3[k]) for k in w1)
 
 
+def test_dataloader_workers_do_not_change_the_run():
+    """Workers only load batches: same order, same dropout stream, bit-identical weights."""
+    runs = []
+    for workers in (0, 2):
+        t = Trainer(tiny_model(), lm_loss, windows(32), None, config(epochs=2, num_workers=workers), None)
+        t.fit()
+        runs.append(weights(t.model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_gradient_accumulation_matches_a_bigger_batch():
     big = Trainer(tiny_model(drop_rate=0.0), lm_loss, windows(32), None, config(epochs=1, batch_size=8), None)
     big.fit()
