@@ -20,7 +20,7 @@ from scratchgpt.distributed import DistInfo
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import GPTConfig, GPTModel
 from scratchgpt.optim import lr_at, param_groups
-from scratchgpt.params import ParamsError, from_dict
+from scratchgpt.params import ParamsError, from_dict, parse_yaml
 from scratchgpt.training import (
     STATE_FILE,
     Callback,
@@ -114,9 +114,9 @@ def test_config_from_yaml_lists():
 
 def test_config_reads_floats_as_dvc_writes_them():
     """`dvc exp run -S pretrain.train.eps=1e-7` leaves `eps: 1e-07` in params.yaml: a string to PyYAML."""
-    raw = yaml.safe_load("eps: 1e-07\nlr: 5e-05\nbetas: [0.9, 1e-01]\n")
-    assert raw["eps"] == "1e-07"
-    cfg = from_dict(TrainConfig, raw, "t")
+    text = "eps: 1e-07\nlr: 5e-05\nbetas: [0.9, 1e-01]\n"
+    assert yaml.safe_load(text)["eps"] == "1e-07"  # PyYAML alone reads a string
+    cfg = from_dict(TrainConfig, parse_yaml(text), "t")
     assert (cfg.eps, cfg.lr, cfg.betas) == (1e-7, 5e-5, (0.9, 0.1))
     with pytest.raises(ParamsError, match="lr must be a finite number"):
         from_dict(TrainConfig, {"lr": "fast"}, "t")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,13 +26,31 @@ class ParamsError(ValueError):
     """A parameter file or section is missing, malformed or holds an invalid value."""
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading `1e-05` as a float.
+
+    `dvc exp run -S key=1e-5` writes floats back as `1e-05`: a float in YAML 1.2, but a string to
+    PyYAML, which follows YAML 1.1 (a dot in the mantissa).
+    """
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML as params.yaml is meant: safe, with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
 def read_params(path: str | os.PathLike[str] = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
     """Read a whole params file as a dict."""
     p = Path(path)
     if not p.is_file():
         raise ParamsError(f"params file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{p}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -38,13 +38,7 @@ def load_preset(name: str, presets_dir: str | os.PathLike[str] = PRESETS_DIR) ->
     if not path.is_file():
         known = sorted(p.stem for p in Path(presets_dir).glob("*.yaml"))
         raise ParamsError(f"no preset {name!r}: {path} not found (presets: {known})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping of params.yaml sections")
-    return data
+    return read_params(path)
 
 
 def apply_preset(params: dict[str, Any], preset: dict[str, Any], where: str = "") -> dict[str, Any]:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -70,21 +69,6 @@ _DEVICES = ("auto", "cpu", "cuda", "mps")
 # Fields that change how a run is executed or saved, not what it computes: a checkpoint made with
 # other values is still resumable.
 _OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every")
-_FLOAT_FIELDS = ("lr", "min_lr", "warmup_ratio", "weight_decay", "eps", "grad_clip")
-_YAML12_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def yaml12_float(value: Any) -> Any:
-    """`"1e-05"` -> 1e-05; anything else unchanged.
-
-    `dvc exp run -S key=1e-5` writes the float back as `1e-05`, a float in YAML 1.2 but a string to
-    PyYAML (YAML 1.1 wants a dot in the mantissa), so params.yaml can hold such strings.
-    """
-    if isinstance(value, str) and _YAML12_FLOAT.match(value.strip()):
-        return float(value)
-    return value
-
-
 @dataclass
 class TrainConfig:
     """How to train. Each field is a `params.yaml` key (e.g. `pretrain.train.lr`)."""
@@ -135,10 +119,8 @@ class TrainConfig:
     """DataLoader worker processes for the training set (0: load in the training process)."""
 
     def __post_init__(self) -> None:
-        for name in _FLOAT_FIELDS:
-            setattr(self, name, yaml12_float(getattr(self, name)))
-        if isinstance(self.betas, list | tuple):
-            self.betas = tuple(yaml12_float(b) for b in self.betas)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
         _check_int(self, "epochs", 1)
         _check_int(self, "batch_size", 1)
         _check_int(self, "grad_accum_steps", 1)
