@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,49 @@ def mlflow_env(mlflow_store, monkeypatch) -> str:
     for name in ("MLFLOW_RUN_ID", "SCRATCHGPT_MLFLOW_PARENT_RUN_ID", "SCRATCHGPT_TRACKING", "DVC_ROOT"):
         monkeypatch.delenv(name, raising=False)
     return mlflow_store
+
+
+class DvcProject:
+    """A throw-away copy of this project as its own git + DVC repository."""
+
+    def __init__(self, path: Path, env: dict[str, str]) -> None:
+        self.path = path
+        self.env = env
+
+    def run(self, *args: str, timeout: float = 600) -> str:
+        """Run a command in the project; fail the test with its output if it fails."""
+        proc = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
+    """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/) copied into a fresh, committed git + DVC
+    repository, with the data mirror, an MLflow store in tmp_path and the venv's tools on PATH."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    for name in ("stages", "src", "presets"):
+        shutil.copytree(REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    env = dict(
+        os.environ,
+        SCRATCHGPT_MIRROR=str(mirror_dir),
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for name in ("SCRATCHGPT_PROJECT_ROOT", "SCRATCHGPT_MLFLOW_PARENT_RUN_ID", "MLFLOW_RUN_ID", "DVC_ROOT"):
+        env.pop(name, None)
+    project = DvcProject(repo, env)
+    project.run("git", "init", "-q")
+    project.run("dvc", "init", "-q")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "project")
+    return project

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -122,36 +119,9 @@ def test_sample_too_short_corpus_fails_cleanly(workdir: Path, caplog: pytest.Log
 
 
 @pytest.mark.slow
-def test_dvc_repro_sample_to_parquet(tmp_path: Path, mirror_dir: Path) -> None:
+def test_dvc_repro_sample_to_parquet(dvc_project) -> None:
     """download -> tokenize -> sample-to-parquet under real DVC: outputs, a no-op rerun, an experiment."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    env = dict(
-        os.environ,
-        SCRATCHGPT_MIRROR=str(mirror_dir),
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-    )
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-
-    def run(*args: str) -> str:
-        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
-        return proc.stdout + proc.stderr
-
-    run("git", "init", "-q")
-    run("dvc", "init", "-q")
-    run("dvc", "config", "core.analytics", "false")
-    run("git", "add", "-A")
-    run("git", "commit", "-q", "-m", "project")
-
+    repo, run = dvc_project.path, dvc_project.run
     out = run("dvc", "repro", "sample-to-parquet")
     for stage in ("download", "tokenize", "sample-to-parquet"):
         assert f"Running stage '{stage}'" in out
@@ -171,7 +141,7 @@ def test_dvc_repro_sample_to_parquet(tmp_path: Path, mirror_dir: Path) -> None:
     # An experiment that changes one sample param reruns only sample-to-parquet.
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "pipeline run")
-    exp = run("dvc", "exp", "run", "-S", "sample.max_length=32")
+    exp = run("dvc", "exp", "run", "-S", "sample.max_length=32", "sample-to-parquet")
     assert "Running stage 'sample-to-parquet'" in exp
     assert "Running stage 'tokenize'" not in exp and "Running stage 'download'" not in exp
     sample = json.loads((repo / "metrics" / "sample.json").read_text())
