@@ -152,3 +152,14 @@ def test_too_long_input_is_a_clear_error():
         model(torch.zeros(1, 16, dtype=torch.long), caches)
         with pytest.raises(ValueError, match="exceeds the context length"):
             model(torch.zeros(1, 1, dtype=torch.long), caches)
+
+
+def test_last_only_head_equals_the_last_position_of_the_full_logits():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        last = model(x, last_only=True)
+        full = model(x)
+    assert last.shape == (2, 1, TINY.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])

@@ -92,14 +92,14 @@ def generate_stream(
 def _next_logits(model: GPTModel, seq: Tensor, context: int, caches: list[KVCache] | None) -> Tensor:
     """Logits (B, vocab) for the token after `seq`, seeing at most the last `context` tokens."""
     if caches is None:
-        return model(seq[:, -context:])[:, -1]
+        return model(seq[:, -context:], last_only=True)[:, -1]
     position = caches[0].pos
     if position == 0 or position >= context:
         # First step, or the window is full and slides: positions shift, so the cache is rebuilt
         # from the cropped window (exactly what the uncached model sees).
         for cache in caches:
             cache.reset()
-        return model(seq[:, -context:], caches)[:, -1]
+        return model(seq[:, -context:], caches, last_only=True)[:, -1]
     return model(seq[:, -1:], caches)[:, -1]
 
 

@@ -237,9 +237,11 @@ class GPTModel(nn.Module):
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, idx: Tensor, caches: list[KVCache] | None = None, *, last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T). With `caches` (one per layer, from
-        `new_kv_cache`), `idx` continues the cached sequence and its keys/values are appended."""
+        `new_kv_cache`), `idx` continues the cached sequence and its keys/values are appended.
+        `last_only` computes the output head for the last position only (B, 1, vocab): generation needs
+        no more, and the head is the largest matmul."""
         start = caches[0].pos if caches else 0
         t = idx.shape[1]
         if start + t > self.cfg.context_length:
@@ -250,6 +252,8 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, caches[i] if caches else None)
+        if last_only:
+            x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
