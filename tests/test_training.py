@@ -426,3 +426,25 @@ def test_state_loads_with_weights_only(tmp_path):
     state = torch.load(out / STATE_FILE, weights_only=True)
     assert set(state["rng"][0]) >= {"torch", "numpy_keys", "python_state"}
     shutil.rmtree(out)
+
+
+def test_keep_freed_memory_stops_glibc_from_unmapping_big_buffers():
+    from scratchgpt.memory import glibc_mallopt, keep_freed_memory
+
+    if glibc_mallopt() is None:
+        pytest.skip("glibc only")
+    import resource
+
+    def faults_for_big_allocations() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            torch.ones(16 * 1024 * 1024)  # 64 MiB, freed at once: glibc maps and unmaps it by default
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    torch.ones(16 * 1024 * 1024)
+    default = faults_for_big_allocations()
+    with keep_freed_memory():
+        faults_for_big_allocations()  # the heap grows to fit, then stays
+        faults_for_big_allocations()
+        kept = faults_for_big_allocations()
+    assert default > 5 * 16_000 and kept < default / 10

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from scratchgpt import checkpoint, distributed, fileio, optim
 from scratchgpt.distributed import DistInfo
+from scratchgpt.memory import glibc_mallopt, keep_freed_memory
 from scratchgpt.model import GPTModel
 
 log = logging.getLogger(__name__)
@@ -530,8 +531,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            while self.step < self.total_steps:
-                self._run_epoch(pbar)
+            with self._cpu_heap():
+                while self.step < self.total_steps:
+                    self._run_epoch(pbar)
         finally:
             pbar.close()
         if self._last_saved_step != self.step:
@@ -566,6 +568,12 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self, result)
         return result
+
+    def _cpu_heap(self) -> contextlib.AbstractContextManager[None]:
+        """On a glibc CPU run, keep freed memory in the heap while training (see scratchgpt.memory)."""
+        if self.device.type != "cpu" or glibc_mallopt() is None:
+            return contextlib.nullcontext()
+        return keep_freed_memory()
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, max_batches: int | None) -> dict[str, float]:
