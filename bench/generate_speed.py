@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from scratchgpt import cli
 from scratchgpt.checkpoint import load_hf_gpt2
 from scratchgpt.fileio import write_json
 from scratchgpt.generate import generate
@@ -33,7 +34,7 @@ RESULTS = Path(__file__).parent / "results" / "generate_speed.json"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median is reported)")
@@ -71,7 +72,7 @@ def time_runs(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torc
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     args = parse_args()
     new_tokens = 20 if args.quick else args.new_tokens
     from llms_from_scratch.ch04 import generate_text_simple

@@ -31,6 +31,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from scratchgpt import cli
+
 log = logging.getLogger("bench.tokenize_speed")
 
 MB = 1_000_000
@@ -140,7 +142,7 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--size-mb", type=float, default=100.0, help="corpus size (default: %(default)s)")
     parser.add_argument("--doc-mb", type=float, default=10.0, help="size of each document (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, best kept (default: 3)")
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))
         return
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     from scratchgpt.fileio import write_json
 
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:

@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from scratchgpt import cli
 from scratchgpt.datasets import SampleParams
 from scratchgpt.fileio import write_json
 from scratchgpt.losses import lm_loss
@@ -614,7 +615,7 @@ def measure_peaks(quick: bool) -> dict[str, dict[str, float]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per contender at gpt2-small (default: %(default)s)")
     parser.add_argument("--cpu-steps", type=int, default=10,
@@ -657,7 +658,7 @@ def display_path(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     args = parse_args(argv)
     started = time.perf_counter()
     machine = machine_facts()

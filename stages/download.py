@@ -6,9 +6,9 @@ DIR/<basename of their URL> instead of the network (same checksums). Writes metr
 
 from __future__ import annotations
 
-import argparse
 import logging
 
+from scratchgpt import cli
 from scratchgpt.download import (
     MIRROR_ENV,
     DownloadError,
@@ -25,17 +25,16 @@ log = logging.getLogger("stages.download")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli.parser(
+        __doc__,
+        params=True,
         epilog="sources (name: URL):\n" + "\n".join(f"  {s.name}: {s.url}" for s in SOURCES.values()),
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument(
         "--metrics", default="metrics/download.json", help="metrics JSON to write (default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
 
     try:
         params = load_section(DownloadParams, "download", args.params)

@@ -14,12 +14,11 @@ Distributed: `torchrun --standalone --nproc_per_node N stages/pretrain.py` (gloo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 
-from scratchgpt import distributed
+from scratchgpt import cli, distributed
 from scratchgpt.datasets import SampleParams
 from scratchgpt.params import ParamsError, load_section
 from scratchgpt.pretrain import PretrainParams, PretrainPaths, run_pretrain
@@ -30,8 +29,7 @@ log = logging.getLogger("stages.pretrain")
 
 def main(argv: list[str] | None = None) -> None:
     defaults = PretrainPaths()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser = cli.parser(__doc__, params=True)
     parser.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="train/val Parquet windows")
     parser.add_argument("--vocab-dir", type=Path, default=defaults.vocab_dir, help="vocab.bpe + encoder.json")
     parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="checkpoint directory")
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot-csv", type=Path, default=defaults.plot_csv, help="loss curve table (DVC plot)")
     parser.add_argument("--plot-png", type=Path, default=defaults.plot_png, help="loss curve image")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 does the talking
         logging.getLogger().setLevel(logging.WARNING)
 

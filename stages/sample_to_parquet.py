@@ -11,12 +11,12 @@ and windows and rows per split to --metrics.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from scratchgpt import cli
 from scratchgpt.corpus import read_tokens
 from scratchgpt.datasets import (
     DatasetError,
@@ -33,13 +33,12 @@ log = logging.getLogger("stages.sample_to_parquet")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser = cli.parser(__doc__, params=True)
     parser.add_argument("--in-dir", default="data/interim", help="tokenize stage output (default: %(default)s)")
     parser.add_argument("--out-dir", default="data/processed", help="output directory (default: %(default)s)")
     parser.add_argument("--metrics", default="metrics/sample.json", help="metrics JSON (default: %(default)s)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
 
     src, out = Path(args.in_dir), Path(args.out_dir)
     try:

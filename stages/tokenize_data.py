@@ -16,13 +16,13 @@ and a `tokenize.py` there would shadow the standard library module of that name.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from scratchgpt import cli
 from scratchgpt.corpus import CorpusError, TokenizeParams, encode_corpus
 from scratchgpt.datasets import DatasetError, build_instruction_table, build_spam_table
 from scratchgpt.fileio import atomic_dir, write_json
@@ -33,13 +33,12 @@ log = logging.getLogger("stages.tokenize_data")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser = cli.parser(__doc__, params=True)
     parser.add_argument("--raw-dir", default="data/raw", help="downloaded inputs (default: %(default)s)")
     parser.add_argument("--out-dir", default="data/interim", help="output directory (default: %(default)s)")
     parser.add_argument("--metrics", default="metrics/tokenize.json", help="metrics JSON (default: %(default)s)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
 
     raw = Path(args.raw_dir)
     try:

@@ -11,7 +11,6 @@ anything runs.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from scratchgpt import cli
 from scratchgpt.params import ParamsError, flatten, from_dict, read_params
 
 log = logging.getLogger(__name__)
@@ -99,20 +99,15 @@ def set_args(preset: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scratchgpt.presets",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser(__doc__, params=True, prog="python -m scratchgpt.presets")
     parser.add_argument("name", help="preset name: presets/<name>.yaml")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--presets-dir", default=str(PRESETS_DIR), help="(default: %(default)s)")
     parser.add_argument("--run", action="store_true", help="run `dvc exp run` with the preset")
     parser.add_argument("--", dest="dvc_args", metavar="DVC_ARGS", help="then extra `dvc exp run` arguments")
     argv = list(sys.argv[1:] if argv is None else argv)
     dvc_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     try:
         preset = load_preset(args.name, args.presets_dir)
         validate(apply_preset(read_params(args.params), preset))
