@@ -32,21 +32,6 @@ def mirror_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mlflow_store(tmp_path_factory) -> str:
-    """One MLflow SQLite store per test session (a fresh DB costs ~2 s of migrations)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def mlflow_env(mlflow_store, monkeypatch) -> str:
-    """Point scratchgpt.tracking (and child processes that inherit os.environ) at the session's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-    for name in ("MLFLOW_RUN_ID", "SCRATCHGPT_MLFLOW_PARENT_RUN_ID", "SCRATCHGPT_TRACKING", "DVC_ROOT"):
-        monkeypatch.delenv(name, raising=False)
-    return mlflow_store
-
-
 class DvcProject:
     """A throw-away copy of this project as its own git + DVC repository."""
 

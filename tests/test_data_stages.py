@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import load_stage
 
 from scratchgpt.datasets import TokenWindowDataset
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ stage under a real `dvc exp run` / `dvc repro`."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import math
@@ -13,11 +12,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import yaml
+from helpers import load_stage
 
 from scratchgpt.checkpoint import load_model
 from scratchgpt.datasets import SampleParams, write_pretrain_windows
@@ -37,14 +36,6 @@ TINY = {
     "train": {"epochs": 1, "batch_size": 8, "eval_freq": 5, "eval_iter": 1, "final_eval_iter": 2,
               "checkpoint_every": 5},
 }
-
-
-def load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def deep_update(d: dict, u: dict) -> dict:
