@@ -70,7 +70,10 @@ def workdir(tmp_path: Path, mirror_dir: Path, windows_dir: Path, monkeypatch: py
     for name in ("vocab.bpe", "encoder.json"):
         shutil.copy(mirror_dir / name, raw / name)
     shutil.copytree(windows_dir, work / "data" / "processed" / "pretrain")
-    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, work / name)
+    for name in ("src", "stages"):  # the code the checkpoint fingerprint hashes (dvc.yaml's deps)
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(work, sample={"max_length": MAX_LENGTH, "stride": STRIDE}, pretrain=TINY)
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -102,7 +105,7 @@ def test_stage_writes_checkpoint_metrics_plots_and_one_mlflow_run(workdir: Path)
     assert metrics["steps"] == 9 and metrics["tokens_seen"] == 9 * 8 * MAX_LENGTH
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert 5 < metrics["val_loss"] < 11.5 and metrics["train_loss"] < 10.9  # it learned something
-    assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0 and metrics["parameters"] > 3_000_000
+    assert metrics["tokens_per_s"] > 0 and metrics["session_wall_time_s"] > 0 and metrics["parameters"] > 3_000_000
 
     with open(workdir / "plots" / "pretrain_loss.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -126,6 +129,7 @@ def test_stage_writes_checkpoint_metrics_plots_and_one_mlflow_run(workdir: Path)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dvc_stage"] == "pretrain" and run.data.tags["preset"] == "cpu"
     assert run.data.params["pretrain.train.lr"] == "0.003" and run.data.params["sample.max_length"] == "16"
+    assert run.data.params["runtime.world_size"] == "1" and run.data.params["runtime.effective_batch_size"] == "8"
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == [1, 6, 9]
     assert run.data.metrics["final_val_perplexity"] == pytest.approx(metrics["val_perplexity"])
@@ -144,7 +148,9 @@ def test_rerun_resumes_the_finished_checkpoint_and_a_new_model_config_restarts(w
     caplog.clear()
     run_stage()  # e.g. `dvc repro -f`: the persistent checkpoint is complete, nothing to retrain
     assert "resuming from models/pretrain: step 9 of 9" in caplog.text
+    assert "holds a finished run with the same params, data and code: reusing it, nothing to train" in caplog.text
     again = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    assert (again["session_steps"], again["steps"]) == (0, 9) and again["train_time_s"] == first["train_time_s"]
     assert (again["train_loss"], again["val_loss"], again["tokens_seen"]) == (
         first["train_loss"],
         first["val_loss"],
@@ -153,7 +159,8 @@ def test_rerun_resumes_the_finished_checkpoint_and_a_new_model_config_restarts(w
     caplog.clear()
     set_params(workdir, pretrain={"model": {"drop_rate": 0.0}})  # the trainer sees it only via the fingerprint
     run_stage()
-    assert "made with other params, data or code" in caplog.text and "resuming" not in caplog.text
+    assert "made with other params, data or code (changed: user.model.drop_rate: 0.1 -> 0.0)" in caplog.text
+    assert "resuming" not in caplog.text
     assert json.loads((workdir / "models" / "pretrain" / "config.json").read_text())["model"]["drop_rate"] == 0.0
 
 
@@ -295,3 +302,27 @@ def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(
     assert "resuming from models/pretrain: step 9 of 9" in forced
     again = json.loads((repo / "metrics" / "pretrain.json").read_text())
     assert again["val_loss"] == metrics["val_loss"] and again["train_loss"] == metrics["train_loss"]
+
+
+@pytest.mark.slow
+def test_a_code_change_dvc_sees_retrains_from_scratch_and_no_change_is_a_no_op(dvc_project):
+    """Issue 11: a rerun DVC triggers through any code dep never reuses the old code's checkpoint."""
+    repo, run = dvc_project.path, dvc_project.run
+    set_params(repo, sample={"max_length": MAX_LENGTH, "stride": STRIDE}, pretrain=TINY)
+    run("git", "commit", "-qam", "tiny params")
+    run("dvc", "repro", "pretrain")
+    first = json.loads((repo / "metrics" / "pretrain.json").read_text())
+    assert first["session_steps"] == first["steps"] == 9
+
+    nothing = run("dvc", "repro", "pretrain")
+    assert "Running stage" not in nothing and "pretrain" in nothing
+
+    # datasets.py (the window reader) was not part of the fingerprint before issue 11.
+    with open(repo / "src" / "scratchgpt" / "datasets.py", "a") as f:
+        f.write("# a change DVC sees\n")
+    out = run("dvc", "repro", "pretrain")
+    assert "Running stage 'pretrain'" in out
+    assert "not reusing the checkpoint in models/pretrain" in out
+    assert "user.code.src/scratchgpt/datasets.py" in out and "resuming from" not in out
+    again = json.loads((repo / "metrics" / "pretrain.json").read_text())
+    assert again["session_steps"] == again["steps"] == 9

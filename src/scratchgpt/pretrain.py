@@ -14,22 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scratchgpt import distributed, fileio, plots, tracking
+from scratchgpt import distributed, stage, tracking
 from scratchgpt.datasets import SampleParams, TokenWindowDataset
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import PRESETS, GPTConfig, GPTModel
 from scratchgpt.params import ParamsError
 from scratchgpt.tokenizer import gpt2_tokenizer
-from scratchgpt.training import (
-    CONFIG_FILE,
-    TrackingCallback,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    file_digest,
-    seed_everything,
-    text_sampler,
-)
+from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything, text_sampler
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +121,9 @@ def run_pretrain(
 ) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
     cfg = check_params(params, sample)
-    for split in ("train", "val"):
-        if not (paths.data_dir / f"{split}.parquet").is_file():
-            raise FileNotFoundError(
-                f"{paths.data_dir / f'{split}.parquet'} not found: run the sample-to-parquet stage first"
-            )
+    split_files = {split: paths.data_dir / f"{split}.parquet" for split in ("train", "val")}
+    stage.require_files(split_files.values(), "sample-to-parquet")
+    code = stage.code_digest(STAGE)
     train_ds = TokenWindowDataset(paths.data_dir / "train.parquet")
     val_ds = TokenWindowDataset(paths.data_dir / "val.parquet")
     for name, ds in (("train", train_ds), ("val", val_ds)):
@@ -154,7 +143,7 @@ def run_pretrain(
     info, _ = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
     model = GPTModel(cfg)
-    data = {split: file_digest(paths.data_dir / f"{split}.parquet") for split in ("train", "val")}
+    data = stage.data_digest(split_files)
     log.info(
         "pretraining a %s model (%s parameters) on %d train / %d val windows of %d tokens",
         params.model.preset,
@@ -180,7 +169,7 @@ def run_pretrain(
                 params.start_context,
                 params.sample_tokens,
             ),
-            fingerprint={"model": cfg.to_dict(), "data": data, "code": code_digest()},
+            fingerprint={"model": cfg.to_dict(), "data": data, "code": code},
             checkpoint_extra={"pretrain": dataclasses.asdict(params), "data_sha256": data},
             desc=STAGE,
         )
@@ -188,23 +177,10 @@ def run_pretrain(
         if not info.is_main:
             return None
         metrics = stage_metrics(result, model.num_parameters())
-        write_outputs(result, metrics, paths)
-        run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result.step)
-        for path in (paths.plot_png, paths.plot_csv, paths.metrics, paths.out_dir / CONFIG_FILE):
-            run.log_artifact(path)
+        stage.write_loss_plots(result, paths.plot_csv, paths.plot_png, PLOT_COLUMNS, "Pretraining loss")
+        stage.finish_run(run, trainer, result, metrics, paths.metrics, (paths.plot_png, paths.plot_csv))
         run.log_text(_samples_text(result), "samples/all_epochs.txt")
     return metrics
-
-
-def code_digest() -> dict[str, str]:
-    """Hashes of the modules that decide what training computes.
-
-    Part of the checkpoint fingerprint: DVC reruns the stage when this code changes, and the rerun
-    must train afresh rather than resume from (or reuse) a checkpoint the old code made.
-    """
-    from scratchgpt import losses, model, optim, training
-
-    return {m.__name__: file_digest(m.__file__) for m in (model, training, optim, losses)}
 
 
 def stage_metrics(result: TrainResult, n_params: int) -> dict[str, float]:
@@ -215,21 +191,11 @@ def stage_metrics(result: TrainResult, n_params: int) -> dict[str, float]:
         "val_loss": final["val_loss"],
         "val_perplexity": math.exp(min(final["val_loss"], 700.0)),
         "tokens_seen": result.tokens_seen,
-        "steps": result.step,
         "epochs": result.epochs,
         "tokens_per_s": result.tokens_per_s,
-        "train_time_s": result.train_time_s,
-        "wall_time_s": result.wall_time_s,
         "parameters": n_params,
+        **stage.time_metrics(result),
     }
-
-
-def write_outputs(result: TrainResult, metrics: dict[str, float], paths: PretrainPaths) -> None:
-    """metrics JSON, the DVC plot CSV and the book-style PNG (each written atomically)."""
-    fileio.write_json(paths.metrics, metrics)
-    plots.write_plot_csv(result.history, paths.plot_csv, PLOT_COLUMNS)
-    plots.plot_losses(result.history, paths.plot_png, title="Pretraining loss")
-    log.info("wrote %s, %s, %s", paths.metrics, paths.plot_csv, paths.plot_png)
 
 
 def _samples_text(result: TrainResult) -> str:

@@ -463,14 +463,18 @@ class Trainer:
             raise ValueError("the validation set is empty")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = optim.warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
-        operational = {f: getattr(cfg, f) for f in _OPERATIONAL_FIELDS}
-        self.fingerprint = fingerprint_of(
-            {
-                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in operational},
-                "world_size": self.dist.world_size,
-                "user": fingerprint,
-            }
+        self.fingerprint_parts = json.loads(
+            json.dumps(
+                {
+                    "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OPERATIONAL_FIELDS},
+                    "world_size": self.dist.world_size,
+                    "user": fingerprint,
+                },
+                sort_keys=True,
+                default=str,
+            )
         )
+        self.fingerprint = fingerprint_of(self.fingerprint_parts)
 
         self.optimizer = optim.build_adamw(
             self.model,
@@ -630,6 +634,7 @@ class Trainer:
                 "examples_seen": self.examples_seen,
                 "finished": finished,
                 "fingerprint": self.fingerprint,
+                "fingerprint_parts": json.dumps(self.fingerprint_parts, sort_keys=True),
                 "world_size": self.dist.world_size,
                 "data_seed": self.cfg.seed,
                 "optimizer": self.optimizer.state_dict(),
@@ -661,11 +666,10 @@ class Trainer:
         state = read_trainer_state(found)
         if state["fingerprint"] != self.fingerprint:
             log.warning(
-                "checkpoint in %s was made with other params, data or code (fingerprint %s, now %s): "
-                "starting afresh; it will be overwritten",
+                "not reusing the checkpoint in %s: it was made with other params, data or code (%s); "
+                "training from scratch, the checkpoint will be overwritten",
                 found,
-                state["fingerprint"],
-                self.fingerprint,
+                self._fingerprint_changes(state),
             )
             return False
         self.load_fn(self.model, found)
@@ -688,7 +692,28 @@ class Trainer:
             min(self.epoch + 1, self.cfg.epochs),
             self.tokens_seen,
         )
+        if self.step >= self.total_steps and self.dist.is_main:
+            log.warning(
+                "%s holds a finished run with the same params, data and code: reusing it, nothing to train "
+                "(its weights are what training would produce again). To retrain from scratch anyway, set "
+                "`resume: never` in the stage's train params (e.g. `dvc exp run -S <stage>.train.resume=never`) "
+                "or delete the directory",
+                found,
+            )
         return True
+
+    def _fingerprint_changes(self, state: Mapping[str, Any]) -> str:
+        """What differs between a checkpoint's fingerprint and this run's, as `key: old -> new` lines."""
+        if "fingerprint_parts" not in state:
+            return f"fingerprint {state['fingerprint']}, now {self.fingerprint}; the checkpoint records no details"
+        old = _flatten(json.loads(state["fingerprint_parts"]))
+        new = _flatten(self.fingerprint_parts)
+        changed = [
+            f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)
+        ]
+        return "changed: " + "; ".join(changed[:10]) + (f"; and {len(changed) - 10} more" if len(changed) > 10 else "")
 
     def _run_epoch(self, pbar: tqdm) -> None:
         cfg = self.cfg
@@ -828,6 +853,20 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = "(absent)" if value is None else str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
 # ---------------------------------------------------------------------------------------------
 # Ready-made hooks
 
@@ -857,6 +896,17 @@ class TrackingCallback(Callback):
         self.run = run
 
     def on_train_start(self, trainer: Trainer) -> None:
+        cfg = trainer.cfg
+        self.run.log_params(
+            {
+                "runtime": {
+                    "world_size": trainer.dist.world_size,
+                    "effective_batch_size": cfg.batch_size * cfg.grad_accum_steps * trainer.dist.world_size,
+                    "device": str(trainer.device),
+                    "resumed_from_step": trainer.resumed_from_step,
+                }
+            }
+        )
         # A resumed run's tracking run starts empty: give it the curve so far.
         for record in trainer.history:
             self.on_eval(trainer, record)

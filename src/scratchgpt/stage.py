@@ -1,0 +1,120 @@
+"""What the pipeline's stages share: their code dependencies, input checks and the training-stage tail.
+
+The code a stage runs is listed once, as the stage's `.py` deps in `dvc.yaml`. DVC reruns the stage
+when one of them changes, and `code_digest(stage)` hashes exactly those files for the checkpoint
+fingerprint of a training stage, so that rerun can never resume (or reuse) a checkpoint the old code
+made. `tests/test_project.py` checks that every stage's `.py` deps are exactly the project modules
+its script imports, directly or through each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from scratchgpt import fileio, plots
+from scratchgpt.params import parse_yaml
+from scratchgpt.training import CONFIG_FILE, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+DVC_FILE = "dvc.yaml"
+
+
+class StageError(RuntimeError):
+    """dvc.yaml does not describe the stage as the code expects."""
+
+
+def dvc_root() -> Path:
+    """The directory holding `dvc.yaml`: the cwd (DVC runs stages there), else the project root."""
+    if Path(DVC_FILE).is_file():
+        return Path.cwd()
+    from scratchgpt.tracking import project_root
+
+    return project_root()
+
+
+def stage_deps(stage: str, root: str | os.PathLike[str] | None = None) -> list[str]:
+    """The `deps` of `stage` in `<root>/dvc.yaml`, as written there (paths relative to root)."""
+    path = Path(root or dvc_root()) / DVC_FILE
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the stage from the project root")
+    stages = (parse_yaml(path.read_text(encoding="utf-8")) or {}).get("stages", {})
+    if stage not in stages:
+        raise StageError(f"{path} has no stage {stage!r} (stages: {sorted(stages)})")
+    return [str(dep) for dep in stages[stage].get("deps", [])]
+
+
+def code_deps(stage: str, root: str | os.PathLike[str] | None = None) -> list[str]:
+    """The Python files among `stage`'s deps in dvc.yaml: the code DVC watches for it."""
+    return [dep for dep in stage_deps(stage, root) if dep.endswith(".py")]
+
+
+def code_digest(stage: str, root: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """sha256 of every code file `stage` depends on (per dvc.yaml), keyed by its path."""
+    base = Path(root or dvc_root())
+    deps = code_deps(stage, base)
+    if not deps:
+        raise StageError(f"stage {stage!r} lists no .py deps in {base / DVC_FILE}")
+    missing = [dep for dep in deps if not (base / dep).is_file()]
+    if missing:
+        raise StageError(f"stage {stage!r}: code deps {missing} listed in {DVC_FILE} do not exist")
+    return {dep: fileio.sha256_file(base / dep) for dep in deps}
+
+
+def data_digest(files: Mapping[str, str | os.PathLike[str]]) -> dict[str, str]:
+    """sha256 of each named input file (for the checkpoint fingerprint and config.json)."""
+    return {name: fileio.sha256_file(path) for name, path in files.items()}
+
+
+def require_files(paths: Iterable[str | os.PathLike[str]], producer: str) -> None:
+    """FileNotFoundError naming the first missing input and the stage that makes it."""
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: run the {producer} stage first")
+
+
+def time_metrics(result: TrainResult) -> dict[str, float]:
+    """What a training stage's time metrics mean, in their names.
+
+    `train_time_s`: seconds in training steps over every session of the run (a resumed run adds
+    up its sessions); `session_wall_time_s`: this execution of the stage, evaluation and
+    checkpointing included; `session_steps`: optimizer steps this execution trained (0 when it
+    found a finished checkpoint of the same params, data and code and reused it).
+    """
+    return {
+        "train_time_s": result.train_time_s,
+        "session_wall_time_s": result.wall_time_s,
+        "session_steps": result.step - (result.resumed_from_step or 0),
+        "steps": result.step,
+    }
+
+
+def write_loss_plots(
+    result: TrainResult, csv_path: Path, png_path: Path, columns: Iterable[str], title: str
+) -> None:
+    """The stage's DVC plot table (CSV) and its book-style PNG, each written atomically."""
+    plots.write_plot_csv(result.history, csv_path, tuple(columns))
+    plots.plot_losses(result.history, png_path, title=title)
+
+
+def finish_run(
+    run: Any,
+    trainer: Trainer,
+    result: TrainResult,
+    metrics: Mapping[str, float],
+    metrics_path: Path,
+    artifacts: Iterable[Path],
+) -> None:
+    """Write `metrics` as the stage's DVC metrics and log them, the artifacts and config.json."""
+    fileio.write_json(metrics_path, dict(metrics))
+    run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result.step)
+    paths = [*artifacts, metrics_path]
+    if trainer.out_dir is not None:
+        paths.append(trainer.out_dir / CONFIG_FILE)
+    for path in paths:
+        run.log_artifact(path)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
