@@ -134,6 +134,28 @@ def load_book_state_dict(
     return model
 
 
+def load_book_state_dict_inferred(path: str | os.PathLike[str], *, n_heads: int | None = None) -> GPTModel:
+    """`load_book_state_dict` with the config read off the tensors' shapes (heads: `n_heads`, else
+    OpenAI's for that width); dropout 0.1 as in the book's configs."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or "tok_emb.weight" not in state or "pos_emb.weight" not in state:
+        raise CheckpointError(f"{path} is not a state_dict of the book's GPTModel (no tok_emb/pos_emb weights)")
+    vocab_size, emb_dim = state["tok_emb.weight"].shape
+    heads = n_heads or _HF_HEADS_BY_WIDTH.get(emb_dim)
+    if heads is None:
+        raise CheckpointError(f"cannot tell the number of heads of {path} (width {emb_dim}): pass n_heads")
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        context_length=state["pos_emb.weight"].shape[0],
+        emb_dim=emb_dim,
+        n_heads=heads,
+        n_layers=len({int(m.group(1)) for k in state if (m := re.match(r"trf_blocks\.(\d+)\.", k))}),
+        qkv_bias="trf_blocks.0.att.W_query.bias" in state,
+        tie_weights="out_head.weight" not in state,
+    )
+    return load_book_state_dict(state, config)
+
+
 # --- Hugging Face GPT-2 ------------------------------------------------------------------------
 
 _HF_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}

@@ -33,6 +33,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto|cpu|cuda|mps` -> a concrete device (CUDA picks this process's GPU)."""
     if name == "auto":

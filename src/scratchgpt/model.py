@@ -258,7 +258,7 @@ class GPTModel(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer caches on the model's device and dtype."""
-        weight = self.out_head.weight
+        weight = self.tok_emb.weight  # not out_head's: a LoRA-wrapped head has no `.weight`
         return [
             KVCache(
                 batch_size,

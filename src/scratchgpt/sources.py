@@ -27,6 +27,7 @@ class Source:
     sha256: str | None  # hash of the file at `url`; None where only the archive member is pinned
     member: str | None = None  # for archives: the one member to extract (a path inside the zip)
     member_sha256: str | None = None  # hash of the extracted member
+    mirror_name: str | None = None  # name in a mirror directory where URLs share a basename (model weights)
 
     def __post_init__(self) -> None:
         if self.member is None and self.sha256 is None:
@@ -38,8 +39,9 @@ class Source:
 
     @property
     def basename(self) -> str:
-        """The last path component of the URL: the file's name in a mirror directory."""
-        return posixpath.basename(unquote(urlsplit(self.url).path))
+        """The file's name in a mirror directory (and of its partial download): `mirror_name` if set,
+        else the last path component of the URL."""
+        return self.mirror_name or posixpath.basename(unquote(urlsplit(self.url).path))
 
     @property
     def is_archive(self) -> bool:

@@ -66,7 +66,7 @@ Sampler = Callable[[nn.Module, torch.device], str]
 """`sampler(model, device) -> text`: called at each epoch end on rank 0 (e.g. greedy text sample)."""
 
 _PRECISIONS = ("fp32", "bf16-mixed")
-_DEVICES = ("auto", "cpu", "cuda", "mps")
+_DEVICES = distributed.DEVICES
 # Fields that change how a run is executed or saved, not what it computes: a checkpoint made with
 # other values is still resumable.
 _OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every")
@@ -338,6 +338,57 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    metric_fns: Mapping[str, MetricFn] | None = None,
+    *,
+    batch_size: int,
+    device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    precision: str = "fp32",
+    max_batches: int | None = None,
+    dist: DistInfo | None = None,
+    eval_model: nn.Module | None = None,
+) -> dict[str, float]:
+    """Mean loss (and metrics) of `model` over the first `max_batches` global batches of `dataset`.
+
+    A global batch is `batch_size * world_size` samples (None: the whole set). The samples are shared
+    out among ranks and the sums all-reduced, so every rank gets the same answer, equal to a single
+    process's with batch size `batch_size * world_size`. Means are weighted by batch size. The
+    model (`eval_model`, when `model` is a compiled wrapper of it) is in eval mode meanwhile.
+    """
+    dist = dist or DistInfo()
+    collate_fn = collate_fn or default_collate
+    metric_fns = dict(metric_fns or {})
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * dist.world_size)
+    mine = list(range(dist.rank, n, dist.world_size))
+    names = ["loss", *metric_fns]
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(len(names) + 1, dtype=dtype, device=device)
+    module = eval_model if eval_model is not None else model
+    was_training = module.training
+    module.eval()
+    try:
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            batch = to_device(collate_fn([dataset[j] for j in chunk]), device)
+            with autocast(device, precision):
+                values = [loss_fn(model, batch)] + [fn(model, batch) for fn in metric_fns.values()]
+            for k, v in enumerate(values):
+                sums[k] += v.detach().to(dtype) * len(chunk)
+            sums[-1] += len(chunk)
+    finally:
+        module.train(was_training)
+    distributed.all_reduce_sum(sums, dist)
+    count = sums[-1].item()
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return {name: sums[k].item() / count for k, name in enumerate(names)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving and loading weights: our GPTModel layout, or any module via safetensors' shared-aware API
 
@@ -579,37 +630,22 @@ class Trainer:
             return contextlib.nullcontext()
         return keep_freed_memory()
 
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset, max_batches: int | None) -> dict[str, float]:
-        """Mean loss (and metrics) over the first `max_batches` global batches of `dataset` (None: all).
-
-        A global batch is `batch_size * world_size` samples. The samples are shared out among ranks
-        and the sums all-reduced, so every rank gets the same answer, equal to a single process's
-        with batch size `batch_size * world_size`. Means are weighted by batch size.
-        """
-        b = self.cfg.batch_size
-        n = len(dataset) if max_batches is None else min(len(dataset), max_batches * b * self.dist.world_size)
-        mine = list(range(self.dist.rank, n, self.dist.world_size))
-        names = ["loss", *self.metric_fns]
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
-        sums = torch.zeros(len(names) + 1, dtype=dtype, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for i in range(0, len(mine), b):
-                chunk = mine[i : i + b]
-                batch = to_device(self.collate_fn([dataset[j] for j in chunk]), self.device)
-                with autocast(self.device, self.cfg.precision):
-                    values = [self.loss_fn(self.fwd_model, batch)]
-                    values += [fn(self.fwd_model, batch) for fn in self.metric_fns.values()]
-                for k, v in enumerate(values):
-                    sums[k] += v.detach().to(dtype) * len(chunk)
-                sums[-1] += len(chunk)
-        finally:
-            self.model.train(was_training)
-        distributed.all_reduce_sum(sums, self.dist)
-        count = sums[-1].item()
-        return {name: sums[k].item() / count for k, name in enumerate(names)}
+        """Mean loss and metrics over the first `max_batches` global batches of `dataset` (None: all);
+        see `evaluate_dataset`."""
+        return evaluate_dataset(
+            self.fwd_model,
+            dataset,
+            self.loss_fn,
+            self.metric_fns,
+            batch_size=self.cfg.batch_size,
+            device=self.device,
+            collate_fn=self.collate_fn,
+            precision=self.cfg.precision,
+            max_batches=max_batches,
+            dist=self.dist,
+            eval_model=self.model,
+        )
 
     def save_checkpoint(self) -> None:
         """Write weights + config + trainer state as one atomic set (rank 0; all ranks must call)."""
