@@ -35,8 +35,12 @@ def test_outputs_get_umask_permissions_not_temp_file_ones(tmp_path):
         write_json(tmp_path / "m.json", {"a": 1})
         with atomic_dir(tmp_path / "d") as tmp:
             (tmp / "x").write_text("x")
+        with atomic_path(tmp_path / "w.bin") as tmp:  # a writer that recreates the file privately
+            tmp.unlink()
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         os.umask(old)
+    assert (tmp_path / "w.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -18,3 +20,39 @@ def lm_loss(model: nn.Module, batch: Any) -> Tensor:
     inputs, targets = batch
     logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+# --- sequence classification (the book's chapter 6) ---------------------------------------------
+
+POOLS = ("last-token", "last-position")
+"""Which position's logits classify a padded sequence: its last real token (padding-independent,
+since attention is causal), or the last position of the padded batch (the book's choice)."""
+
+
+def classification_logits(model: nn.Module, batch: Any, pool: str) -> Tensor:
+    """Class logits (B, C) of a batch `(inputs, lengths, labels)` from a model with a C-way head."""
+    inputs, lengths, _ = batch
+    if pool == "last-position":
+        return model(inputs, last_only=True)[:, -1]
+    if pool != "last-token":
+        raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    logits = model(inputs)
+    return logits[torch.arange(inputs.shape[0], device=inputs.device), lengths - 1]
+
+
+def classification_loss(pool: str) -> Callable[[nn.Module, Any], Tensor]:
+    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`)."""
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        return F.cross_entropy(classification_logits(model, batch, pool).float(), batch[2])
+
+    return loss
+
+
+def classification_accuracy(pool: str) -> Callable[[nn.Module, Any], Tensor]:
+    """Share of the batch whose arg-max class is the label."""
+
+    def accuracy(model: nn.Module, batch: Any) -> Tensor:
+        return (classification_logits(model, batch, pool).argmax(dim=-1) == batch[2]).float().mean()
+
+    return accuracy

@@ -177,3 +177,24 @@ def _number(value: Any, key: str, row: int, path: Path) -> float | None:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: row {row} column {key!r}: not a number: {value!r}") from None
     return None if math.isnan(number) else number
+
+
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], labels: Sequence[str], path_png: str | os.PathLike[str], *,
+    title: str | None = None, dpi: int = 150,
+) -> Path:
+    """scikit-learn's confusion-matrix figure (rows: true label, columns: predicted), written atomically."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    path = Path(path_png)
+    fig = Figure(figsize=(3.6, 3.2))
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(ax=ax, colorbar=False, cmap="Blues")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path

@@ -1,0 +1,239 @@
+"""Fine-tuning the base model into a spam classifier: the `lora-cls-finetune` stage (book ch. 6, appendix E).
+
+`ClsParams` is the `cls` section of params.yaml; `run_cls_finetune` does the whole stage: validate,
+load `models/base`, replace its vocabulary head by a 2-way head, make the chosen part trainable
+(`mode`: LoRA adapters on every linear layer, the last block + final norm + head, or everything),
+train with the shared `Trainer` (accuracy as a metric; checkpoints and `resume: auto` in
+`models/spam-classifier-ckpt`), then merge the adapters, measure train/val/test accuracy and test
+precision/recall/F1 (scikit-learn) on the full splits, and write the classifier, metrics, plots and
+one MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from scratchgpt import checkpoint, distributed, lora, plots, stage, tracking
+from scratchgpt.classify import (
+    ClassificationDataset,
+    ClassifierInfo,
+    attach_head,
+    pad_collate,
+    predict_proba,
+    real_tokens,
+    save_classifier,
+)
+from scratchgpt.datasets import SPAM_LABELS, DatasetError
+from scratchgpt.losses import POOLS, classification_accuracy, classification_loss
+from scratchgpt.model import GPTModel
+from scratchgpt.params import ParamsError
+from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything
+
+log = logging.getLogger(__name__)
+
+STAGE = "lora-cls-finetune"
+MODES = ("lora", "last-block", "full")
+LABELS = tuple(sorted(SPAM_LABELS, key=SPAM_LABELS.get))  # ("ham", "spam"): label 0, 1
+PLOT_X = ("step", "epoch", "examples_seen")
+
+
+@dataclass
+class ClsParams:
+    """The `cls` section of params.yaml."""
+
+    preset: str = "cpu"
+    """Name of the parameter preset in use (an MLflow tag)."""
+    mode: str = "lora"
+    """lora: LoRA adapters on every linear layer, head included, all else frozen (appendix E);
+    last-block: the last transformer block, the final norm and the head (chapter 6); full: everything."""
+    lora_rank: int = 16
+    """Rank r of the LoRA matrices (mode lora)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: updates are scaled by alpha / rank (the book's code scales by alpha alone)."""
+    pool: str = "last-token"
+    """Which logits classify a text: last-token (its last real token; padding cannot change the answer) or
+    last-position (the padded sequence's last position, as the book)."""
+    max_length: int | None = None
+    """Truncate texts to this many tokens and pad every batch to it (the book: 120, the longest training
+    text); null: pad each batch to its longest text, truncate at the base's context length."""
+    drop_rate: float = 0.0
+    """Dropout while fine-tuning (the book uses 0)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimizer, schedule, batching, evaluation, checkpointing, device and precision."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
+        lora.check_hyperparameters(self.lora_rank, self.lora_alpha)
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1
+        ):
+            raise ValueError(f"max_length must be null or an integer >= 1, got {self.max_length!r}")
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError("train must be a mapping")
+
+
+@dataclass(frozen=True)
+class ClsPaths:
+    """Where the stage reads and writes (relative to the project root, as in dvc.yaml)."""
+
+    base_dir: Path = Path("models/base")
+    data_dir: Path = Path("data/processed/spam")
+    vocab_dir: Path = Path("data/raw")
+    checkpoint_dir: Path = Path("models/spam-classifier-ckpt")
+    out_dir: Path = Path("models/spam-classifier")
+    metrics: Path = Path("metrics/cls.json")
+    plot_loss_csv: Path = Path("plots/cls_loss.csv")
+    plot_accuracy_csv: Path = Path("plots/cls_accuracy.csv")
+    plot_loss_png: Path = Path("plots/cls_loss.png")
+    plot_accuracy_png: Path = Path("plots/cls_accuracy.png")
+    plot_confusion_png: Path = Path("plots/cls_confusion.png")
+
+
+def load_splits(params: ClsParams, paths: ClsPaths, context_length: int) -> dict[str, ClassificationDataset]:
+    """train/val/test, checked before any training: labels, emptiness, and the base's context."""
+    if params.max_length is not None and params.max_length > context_length:
+        raise ParamsError(
+            f"cls.max_length ({params.max_length}) exceeds the base model's context length ({context_length})"
+        )
+    max_length = params.max_length or context_length
+    files = {split: paths.data_dir / f"{split}.parquet" for split in ("train", "val", "test")}
+    stage.require_files(files.values(), "sample-to-parquet")
+    splits = {split: ClassificationDataset(path, max_length, LABELS) for split, path in files.items()}
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise DatasetError(f"{ds.path}: the {split} split is empty")
+    return splits
+
+
+def build_model(params: ClsParams, base_dir: Path) -> GPTModel:
+    """The base with a fresh 2-way head, only the part `mode` trains left trainable."""
+    model = checkpoint.load_model(base_dir, config_overrides={"drop_rate": params.drop_rate})
+    attach_head(model, len(LABELS))
+    if params.mode == "lora":
+        lora.apply_lora(model, params.lora_rank, params.lora_alpha)
+    elif params.mode == "last-block":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (model.trf_blocks[-1], model.final_norm, model.out_head):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model.train()
+
+
+def run_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[str, float] | None:
+    """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
+    stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
+    base_cfg = checkpoint.load_config(paths.base_dir)["model"]
+    splits = load_splits(params, paths, base_cfg["context_length"])
+    code = stage.code_digest(STAGE)
+    fingerprint = {
+        "cls": {k: v for k, v in dataclasses.asdict(params).items() if k not in ("train", "preset")},
+        "base": stage.data_digest({"weights": paths.base_dir / checkpoint.WEIGHTS_FILE}),
+        "data": stage.data_digest({s: ds.path for s, ds in splits.items()}),
+        "code": code,
+    }
+    info, device = distributed.setup(params.train.device)
+    seed_everything(params.train.seed)
+    model = build_model(params, paths.base_dir)
+    trainable, total = lora.count_parameters(model)
+    log.info(
+        "fine-tuning %s of a %s-parameter base (%s trainable, %.2f%%) on %d train / %d val / %d test texts",
+        params.mode, f"{total:,}", f"{trainable:,}", 100 * trainable / total, *(len(d) for d in splits.values()),
+    )  # fmt: skip
+    classifier = ClassifierInfo(LABELS, params.pool, params.max_length or base_cfg["context_length"], params.max_length)
+
+    with tracking.stage_run(STAGE, {"cls": params}, preset=params.preset, enabled=info.is_main) as run:
+        trainer = Trainer(
+            model,
+            classification_loss(params.pool),
+            splits["train"],
+            splits["val"],
+            params.train,
+            paths.checkpoint_dir,
+            metric_fns={"accuracy": classification_accuracy(params.pool)},
+            collate_fn=pad_collate(params.max_length),
+            tokens_fn=real_tokens,
+            callbacks=[TrackingCallback(run)],
+            fingerprint=fingerprint,
+            checkpoint_extra={"cls": dataclasses.asdict(params), "labels": list(LABELS)},
+            desc=STAGE,
+        )
+        result = trainer.fit()
+        if not info.is_main:
+            return None
+        if params.mode == "lora":
+            lora.merge_lora(model)
+        model.eval()
+        test = test_metrics(model, splits["test"], classifier, device)
+        metrics = stage_metrics(result, test, trainable, total)
+        save_classifier(
+            model.cpu(), paths.out_dir, classifier, vocab_dir=paths.vocab_dir,
+            extra={"cls": dataclasses.asdict(params), "base": checkpoint.load_config(paths.base_dir).get("source")},
+        )  # fmt: skip
+        write_plots(result, test["confusion_matrix"], paths)
+        artifacts = [paths.plot_loss_png, paths.plot_accuracy_png, paths.plot_confusion_png,
+                     paths.plot_loss_csv, paths.plot_accuracy_csv]  # fmt: skip
+        stage.finish_run(run, trainer, result, metrics, paths.metrics, artifacts)
+        run.log_artifact(paths.out_dir / checkpoint.CONFIG_FILE, "classifier")
+    return metrics
+
+
+def test_metrics(model: GPTModel, test: ClassificationDataset, info: ClassifierInfo, device: torch.device) -> dict:
+    """Accuracy, precision/recall/F1 of the spam class and the confusion matrix, by scikit-learn."""
+    probs = predict_proba(model, test.ids, info, batch_size=64, device=device)
+    y_pred = probs.argmax(-1).tolist()
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        test.labels, y_pred, pos_label=SPAM_LABELS["spam"], average="binary", zero_division=0
+    )
+    return {
+        "test_accuracy": float(accuracy_score(test.labels, y_pred)),
+        "test_precision": float(precision),
+        "test_recall": float(recall),
+        "test_f1": float(f1),
+        "confusion_matrix": confusion_matrix(test.labels, y_pred, labels=range(len(LABELS))).tolist(),
+    }
+
+
+def stage_metrics(result: TrainResult, test: dict[str, Any], trainable: int, total: int) -> dict[str, float]:
+    """What `metrics/cls.json` reports (numbers only)."""
+    final = result.final
+    return {
+        "train_accuracy": final["train_accuracy"],
+        "val_accuracy": final["val_accuracy"],
+        **{k: v for k, v in test.items() if k != "confusion_matrix"},
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / total,
+        "examples_per_s": result.examples_seen / result.train_time_s if result.train_time_s > 0 else math.nan,
+        "examples_seen": result.examples_seen,
+        **stage.time_metrics(result),
+    }
+
+
+def write_plots(result: TrainResult, matrix: list[list[int]], paths: ClsPaths) -> None:
+    """Loss and accuracy tables (DVC plots) and figures, and the test confusion matrix."""
+    stage.write_loss_plots(
+        result, paths.plot_loss_csv, paths.plot_loss_png, (*PLOT_X, "train_loss", "val_loss"), "Classifier loss"
+    )
+    plots.write_plot_csv(result.history, paths.plot_accuracy_csv, (*PLOT_X, "train_accuracy", "val_accuracy"))
+    plots.plot_metric(
+        result.history, paths.plot_accuracy_png, x_key="epoch", series=("train_accuracy", "val_accuracy"),
+        ylabel="Accuracy", xlabel="Epochs", twin_x_key="examples_seen", twin_xlabel="Examples seen",
+        title="Classifier accuracy",
+    )  # fmt: skip
+    plots.plot_confusion_matrix(matrix, LABELS, paths.plot_confusion_png, title="Test set")

@@ -1,0 +1,58 @@
+"""DVC stage `lora-cls-finetune`: fine-tune models/base into a spam classifier (book ch. 6 and appendix E).
+
+Reads the `cls` section of params.yaml, models/base/ (from load-gpt2) and data/processed/spam/
+{train,val,test}.parquet. `cls.mode` is lora (LoRA adapters on every linear layer, the new head
+included; all else frozen), last-block (the last transformer block, the final norm and the head) or
+full. Writes models/spam-classifier/ (merged weights, config.json with the label names, the GPT-2
+vocabulary), metrics/cls.json (train/val/test accuracy, test precision/recall/F1, trainable
+parameters, examples/s, times), plots/cls_{loss,accuracy}.{csv,png} and plots/cls_confusion.png,
+and logs one MLflow run.
+
+Checkpoints go to models/spam-classifier-ckpt/ (a persistent DVC output): with `cls.train.resume:
+auto` a killed run continues from its last one; one made with other params, base, data or code is
+not reused. Use the classifier with `python -m scratchgpt.classify --model models/spam-classifier "text"`.
+
+Distributed: `torchrun --standalone --nproc_per_node N stages/lora_cls_finetune.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from scratchgpt import cli, distributed
+from scratchgpt.checkpoint import CheckpointError
+from scratchgpt.cls_finetune import ClsParams, run_cls_finetune
+from scratchgpt.datasets import DatasetError
+from scratchgpt.params import ParamsError, load_section
+from scratchgpt.stage import StageError
+from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
+
+log = logging.getLogger("stages.lora_cls_finetune")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__, params=True)
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 does the talking
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        params = load_section(ClsParams, "cls", args.params)
+        metrics = run_cls_finetune(params)
+    except (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
+            CheckpointMismatchError) as exc:  # fmt: skip
+        log.error("%s", exc)
+        raise SystemExit(1) from exc
+    finally:
+        distributed.teardown()
+    if metrics is not None:
+        log.info(
+            "test accuracy %.4f, F1 %.4f; %d trainable parameters (%.2f%%), %.0f examples/s",
+            metrics["test_accuracy"], metrics["test_f1"], metrics["trainable_parameters"],
+            100 * metrics["trainable_share"], metrics["examples_per_s"],
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
