@@ -298,3 +298,20 @@ def test_lora_fine_tuning_killed_mid_run_resumes_to_identical_weights(workdir: P
     clean_weights = read_safetensors(workdir / "models" / "spam-classifier" / "model.safetensors")
     assert killed_weights.keys() == clean_weights.keys()
     assert all(torch.equal(killed_weights[k], clean_weights[k]) for k in clean_weights)
+
+
+def test_book_preset_is_chapter_6():
+    from scratchgpt.params import from_dict
+    from scratchgpt.presets import apply_preset, load_preset, validate
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    merged = apply_preset(params, load_preset("book", REPO / "presets"))
+    validate(merged)
+    cls = from_dict(ClsParams, merged["cls"], "cls")
+    assert merged["load_gpt2"]["base"] == "gpt2-small"
+    assert (cls.mode, cls.max_length, cls.pool, cls.drop_rate) == ("last-block", 120, "last-position", 0)
+    assert cls.lora_alpha / cls.lora_rank == 16  # the book's LoRA scale (alpha 16, not divided by the rank)
+    t = cls.train
+    assert (t.epochs, t.batch_size, t.lr, t.weight_decay, t.seed) == (5, 8, 5e-5, 0.1, 123)
+    assert (t.eval_freq, t.eval_iter, cls.lora_rank) == (50, 5, 16)
+    assert (t.lr_schedule, t.warmup_ratio, t.grad_clip) == ("constant", 0.0, 0.0)

@@ -59,12 +59,16 @@ def apply_preset(params: dict[str, Any], preset: dict[str, Any], where: str = ""
 
 def validate(params: dict[str, Any]) -> None:
     """Validate the sections a preset may touch, and the pretrain/sample cross-checks."""
+    from scratchgpt.cls_finetune import ClsParams
     from scratchgpt.datasets import SampleParams
     from scratchgpt.pretrain import PretrainParams, check_params
+    from scratchgpt.pretrained import LoadGPT2Params
 
     sample = from_dict(SampleParams, params.get("sample"), "sample")
     pretrain = from_dict(PretrainParams, params.get("pretrain"), "pretrain")
     check_params(pretrain, sample)
+    from_dict(LoadGPT2Params, params.get("load_gpt2"), "load_gpt2")
+    from_dict(ClsParams, params.get("cls"), "cls")
 
 
 def yaml_value(value: Any) -> str:
