@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import requests
 from tqdm import tqdm
 
-from scratchgpt.fileio import atomic_path
+from scratchgpt.fileio import atomic_path, sha256_file
 from scratchgpt.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
@@ -123,15 +123,6 @@ class FileRecord:
     sha256: str
     source: str  # "url", "mirror", or "existing" (already present with the right hash)
     archive: dict[str, Any] | None = None  # for archives: the zip's file name, size and sha256
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mirror_from_env(env: Mapping[str, str] | None = None) -> Path | None:

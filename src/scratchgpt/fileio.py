@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""File helpers: atomic output (write to a temporary name beside the target, then rename) and hashing.
 
 A reader (or a crashed run) never sees a half-written file at the final path.
 """
@@ -6,6 +6,7 @@ A reader (or a crashed run) never sees a half-written file at the final path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -77,3 +78,12 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically write `obj` as indented, key-sorted JSON (stable diffs for DVC metrics)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()

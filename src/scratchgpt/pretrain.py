@@ -16,6 +16,7 @@ from typing import Any
 
 from scratchgpt import distributed, fileio, plots, tracking
 from scratchgpt.datasets import SampleParams, TokenWindowDataset
+from scratchgpt.fileio import sha256_file
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import PRESETS, GPTConfig, GPTModel
 from scratchgpt.params import ParamsError
@@ -26,7 +27,6 @@ from scratchgpt.training import (
     TrainConfig,
     Trainer,
     TrainResult,
-    file_digest,
     seed_everything,
     text_sampler,
 )
@@ -154,7 +154,7 @@ def run_pretrain(
     info, _ = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
     model = GPTModel(cfg)
-    data = {split: file_digest(paths.data_dir / f"{split}.parquet") for split in ("train", "val")}
+    data = {split: sha256_file(paths.data_dir / f"{split}.parquet") for split in ("train", "val")}
     log.info(
         "pretraining a %s model (%s parameters) on %d train / %d val windows of %d tokens",
         params.model.preset,
@@ -204,7 +204,7 @@ def code_digest() -> dict[str, str]:
     """
     from scratchgpt import losses, model, optim, training
 
-    return {m.__name__: file_digest(m.__file__) for m in (model, training, optim, losses)}
+    return {m.__name__: sha256_file(m.__file__) for m in (model, training, optim, losses)}
 
 
 def stage_metrics(result: TrainResult, n_params: int) -> dict[str, float]:
