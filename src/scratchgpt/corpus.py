@@ -30,6 +30,7 @@ import tiktoken
 from tqdm import tqdm
 
 from scratchgpt.fileio import atomic_path
+from scratchgpt.params import check_int
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,8 @@ class TokenizeParams:
             raise ValueError(f"corpus must be a list of file paths, got {self.corpus!r}")
         if not self.corpus:
             raise ValueError("corpus is empty: list at least one text file")
-        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
-        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
-            raise ValueError(f"num_threads must be 0 (all CPUs) or a positive integer, got {self.num_threads!r}")
+        check_int(self, "chunk_bytes", 1)
+        check_int(self, "num_threads", 0)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:

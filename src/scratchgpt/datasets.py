@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from scratchgpt.corpus import read_utf8, token_dtype
 from scratchgpt.fileio import atomic_dir, atomic_path
+from scratchgpt.params import check_int, check_ratio
 
 WINDOW_COLUMN = "window"
 # Window row groups of ~64 KiB. A random read decodes one whole group (Parquet stores a list's
@@ -65,21 +66,11 @@ class SampleParams:
 
     def __post_init__(self) -> None:
         for name in ("max_length", "stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in (
-            "train_ratio",
-            "spam_train_ratio",
-            "spam_val_ratio",
-            "instruct_train_ratio",
-            "instruct_test_ratio",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-                raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+            check_int(self, name, 1)
+        check_int(self, "seed", 0)
+        ratios = ("train_ratio", "spam_train_ratio", "spam_val_ratio", "instruct_train_ratio", "instruct_test_ratio")
+        for name in ratios:
+            check_ratio(self, name)
         if self.spam_train_ratio + self.spam_val_ratio >= 1:
             raise ValueError("spam_train_ratio + spam_val_ratio must leave a test split (sum < 1)")
         if self.instruct_train_ratio + self.instruct_test_ratio >= 1:

@@ -35,6 +35,7 @@ import requests
 from tqdm import tqdm
 
 from scratchgpt.fileio import atomic_path, sha256_file
+from scratchgpt.params import check_int, check_number, check_str
 from scratchgpt.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
@@ -93,24 +94,19 @@ class DownloadParams:
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources: duplicate names in {self.sources}")
         for name in ("out_dir", "partial_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{name} must be a non-empty path")
+            check_str(self, name)
         out, part = Path(os.path.normpath(self.out_dir)), Path(os.path.normpath(self.partial_dir))
         if part == out or out in part.parents:
             raise ValueError(f"partial_dir {self.partial_dir!r} must not be inside out_dir {self.out_dir!r}")
         for name in ("connect_timeout", "read_timeout"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+            check_number(self, name, 0, exclusive=True)
         for name in ("backoff", "max_backoff"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
+            check_number(self, name, 0)
         if self.max_backoff < self.backoff:
             raise ValueError(f"max_backoff ({self.max_backoff}) must be >= backoff ({self.backoff})")
-        for name in ("retries", "chunk_size", "max_member_bytes"):
-            value = getattr(self, name)
-            low = 0 if name == "retries" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(self, "retries", 0)
+        for name in ("chunk_size", "max_member_bytes"):
+            check_int(self, name, 1)
 
 
 @dataclass
@@ -455,7 +451,3 @@ def metrics(records: list[FileRecord]) -> dict[str, Any]:
             entry["archive"] = r.archive
         files[r.filename] = entry
     return {"files": files, "n_files": len(records), "total_bytes": sum(r.bytes for r in records)}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
