@@ -57,13 +57,13 @@ class CorpusError(ValueError):
 class TokenizeParams:
     """`tokenize` section of params.yaml."""
 
-    # The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order.
     corpus: list[str] = field(default_factory=lambda: ["data/raw/the-verdict.txt"])
-    # Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
-    # pre-tokenizer splits anyway); bounds memory at about 3 * num_threads chunks.
+    """The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # Encoder threads; 0 = one per CPU. Does not change the output.
+    """Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
+    pre-tokenizer splits anyway); bounds memory at about 3 * num_threads chunks."""
     num_threads: int = 0
+    """Encoder threads; 0 = one per CPU. Does not change the output."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, list) or not all(isinstance(p, str) and p for p in self.corpus):

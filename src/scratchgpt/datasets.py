@@ -49,20 +49,23 @@ class DatasetError(ValueError):
 class SampleParams:
     """`sample` section of params.yaml: how the datasets are windowed, shuffled and split."""
 
-    # Tokens per training input; each stored window holds max_length + 1 (input and shifted target).
     max_length: int = 64
-    # Tokens between the starts of consecutive windows (= max_length: no overlap, as in the book).
+    """Tokens per training input; each stored window holds max_length + 1 (input and shifted target)."""
     stride: int = 64
-    # Share of the pretraining token stream (from its start) used for training; the rest validates.
+    """Tokens between the starts of consecutive windows (= max_length: no overlap, as in the book;
+    larger than max_length skips tokens)."""
     train_ratio: float = 0.9
-    # Seed for the spam collection's undersampling and shuffle.
+    """Share of the pretraining token stream (from its start) used for training; the rest validates."""
     seed: int = 123
-    # Spam split shares after shuffling: train, validation; the rest is the test split.
+    """Seed for the spam collection's undersampling and shuffle."""
     spam_train_ratio: float = 0.7
+    """Share of the shuffled spam rows for training (first in order)."""
     spam_val_ratio: float = 0.1
-    # Instruction split shares in file order: train first, then test; the rest is validation.
+    """Share of the shuffled spam rows for validation (after train); the rest is the test split."""
     instruct_train_ratio: float = 0.85
+    """Share of the instruction records for training, in file order (first)."""
     instruct_test_ratio: float = 0.1
+    """Share of the instruction records for testing (after train); the rest is validation."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "stride"):

@@ -66,24 +66,26 @@ class UnsafeArchiveError(DownloadError):
 class DownloadParams:
     """`download` section of params.yaml."""
 
-    # Source names to fetch (keys of scratchgpt.sources.SOURCES); default: all of them.
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    # Directory the verified files are written to (the DVC output).
+    """Source names to fetch (keys of scratchgpt.sources.SOURCES); default: all of them."""
     out_dir: str = "data/raw"
-    # Where interrupted HTTP downloads wait to be resumed (`<basename>.part`); not inside out_dir.
+    """Directory the verified files are written to (the DVC output)."""
     partial_dir: str = "data/raw.partial"
-    # Seconds to wait for a TCP connection, and for each read from an open one.
+    """Where interrupted HTTP downloads wait to be resumed (`<basename>.part`); not inside out_dir."""
     connect_timeout: float = 10.0
+    """Seconds to wait for a TCP connection."""
     read_timeout: float = 60.0
-    # Attempts after the first one for a failed transfer (timeouts, dropped connections, 5xx, 429).
+    """Seconds to wait for each read from an open connection."""
     retries: int = 4
-    # Seconds before the first retry; doubles on each further retry, capped at max_backoff.
+    """Attempts after the first one for a failed transfer (timeouts, dropped connections, 5xx, 429)."""
     backoff: float = 1.0
+    """Seconds before the first retry; doubles on each further retry, capped at max_backoff."""
     max_backoff: float = 30.0
-    # Bytes per read from the network or a file.
+    """Longest wait between two attempts, in seconds."""
     chunk_size: int = 1 << 16
-    # Largest archive member (uncompressed bytes) we agree to extract: the zip-bomb bound.
+    """Bytes per read from the network or a file."""
     max_member_bytes: int = 64 << 20
+    """Largest archive member (uncompressed bytes) we agree to extract: the zip-bomb bound."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
@@ -117,8 +119,10 @@ class FileRecord:
     filename: str
     bytes: int
     sha256: str
-    source: str  # "url", "mirror", or "existing" (already present with the right hash)
-    archive: dict[str, Any] | None = None  # for archives: the zip's file name, size and sha256
+    source: str
+    """Where the file came from: "url", "mirror", or "existing" (already present with the right hash)."""
+    archive: dict[str, Any] | None = None
+    """For archives: the zip's file name, size and sha256."""
 
 
 def mirror_from_env(env: Mapping[str, str] | None = None) -> Path | None:
