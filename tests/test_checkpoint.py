@@ -38,12 +38,23 @@ def test_save_and_load_round_trip(tmp_path, tie):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config == {"model": cfg.to_dict(), "training": {"lr": 0.1}}
     assert ("out_head.weight" in load_file(tmp_path / "ckpt" / "model.safetensors")) is not tie
-    loaded = load_model(tmp_path / "ckpt").eval()
+    loaded = load_model(tmp_path / "ckpt")
     x = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     if tie:
         assert loaded.out_head.weight is loaded.tok_emb.weight
+
+
+def test_load_model_returns_the_model_in_eval_mode(tmp_path):
+    cfg = GPTConfig(**{**CFG.to_dict(), "drop_rate": 0.5})
+    save_model(GPTModel(cfg), tmp_path)
+    loaded = load_model(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    x = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))  # dropout 0.5 is off
+        assert not torch.equal(loaded.train()(x), loaded(x))  # and on again after .train()
 
 
 def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path):

@@ -65,13 +65,15 @@ def load_model(
     *,
     config_overrides: dict[str, Any] | None = None,
 ) -> GPTModel:
-    """Load a model saved with `save_model`. `config_overrides` may change non-shape fields such as
-    `drop_rate`."""
+    """Load a model saved with `save_model`, in eval mode (dropout off): call `.train()` to train it.
+
+    `config_overrides` may change non-shape fields such as `drop_rate`.
+    """
     directory = Path(directory)
     cfg = GPTConfig.from_dict({**load_config(directory)["model"], **(config_overrides or {})})
     model = GPTModel(cfg)
     load_weights(model, read_safetensors(directory / WEIGHTS_FILE))
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
