@@ -152,6 +152,18 @@ def test_hf_checkpoint_missing_a_tensor_names_it(tmp_path):
         load_hf_gpt2(tmp_path)
 
 
+@pytest.mark.parametrize("what", ["directory", "weights file", "weights without config"])
+def test_hf_loader_refuses_our_own_checkpoint_and_points_to_load_model(tmp_path, what):
+    save_model(GPTModel(CFG), tmp_path / "ckpt")
+    if what == "weights without config":
+        (tmp_path / "ckpt" / "config.json").unlink()
+    path = tmp_path / "ckpt" if what == "directory" else tmp_path / "ckpt" / "model.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        load_hf_gpt2(path)
+    assert "is a scratchgpt checkpoint" in str(info.value)
+    assert f"scratchgpt.checkpoint.load_model('{tmp_path / 'ckpt'}')" in str(info.value)
+
+
 # --- parity with the book's own GPTModel (llms-from-scratch) -----------------------------------
 
 
