@@ -110,6 +110,11 @@ class DownloadParams:
         for name in ("chunk_size", "max_member_bytes"):
             check_int(self, name, 1)
 
+    def http_options(self) -> dict[str, Any]:
+        """The keyword arguments of `fetch_url` these params set (timeouts, retries, backoff, chunk size)."""
+        names = ("connect_timeout", "read_timeout", "retries", "backoff", "max_backoff", "chunk_size")
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass
 class FileRecord:
@@ -387,12 +392,7 @@ def download_source(source: Source, params: DownloadParams, *, mirror: Path | No
         raw = Path(params.partial_dir) / f"{source.basename}.part"
         log.info("%s: downloading %s", source.name, source.url)
         origin = "url"
-        raw_sha = fetch_url(
-            source.url, raw,
-            connect_timeout=params.connect_timeout, read_timeout=params.read_timeout,
-            retries=params.retries, backoff=params.backoff, max_backoff=params.max_backoff,
-            chunk_size=params.chunk_size,
-        )  # fmt: skip
+        raw_sha = fetch_url(source.url, raw, **params.http_options())
 
     try:
         if source.member is None:
