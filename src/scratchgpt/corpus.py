@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
-from tqdm import tqdm
 
 from scratchgpt.fileio import atomic_path
 from scratchgpt.params import check_int
+from scratchgpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def encode_corpus(
     dtype = token_dtype(enc.n_vocab)
     stats = CorpusStats()
     eot = np.array([enc.eot_token], dtype=dtype)
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+    bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", show=progress)
 
     def pieces() -> Iterator[tuple[DocumentStats, bool, str]]:
         for p in paths:

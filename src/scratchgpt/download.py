@@ -32,10 +32,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import requests
-from tqdm import tqdm
 
 from scratchgpt.fileio import atomic_path, sha256_file
 from scratchgpt.params import check_int, check_number, check_str
+from scratchgpt.progress import progress_bar
 from scratchgpt.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,9 @@ def _fetch_once(
             total = offset + int(length) if length and length.isdigit() else None
             with (
                 part.open(mode) as f,
-                tqdm(
+                progress_bar(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name.removesuffix(".part"), disable=None, leave=False,
+                    desc=part.name.removesuffix(".part"), show=None, leave=False,
                 ) as bar,
             ):
                 for chunk in resp.iter_content(chunk_size):

@@ -51,6 +51,7 @@ from scratchgpt.distributed import DistInfo
 from scratchgpt.memory import glibc_mallopt, keep_freed_memory
 from scratchgpt.model import GPTModel
 from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, is_number
+from scratchgpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -491,12 +492,12 @@ class Trainer:
         self.model.train()
         for cb in self.callbacks:
             cb.on_train_start(self)
-        pbar = tqdm(
+        pbar = progress_bar(
             total=self.total_steps,
             initial=self.step,
             desc=self.desc,
             unit="step",
-            disable=not self.dist.is_main,
+            show=self.dist.is_main,
             dynamic_ncols=True,
         )
         try:
