@@ -123,7 +123,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # and the bad value. (`from_dict` turns that into a ParamsError prefixed with the section.)
 
 
-def check_int(obj: Any, name: str, minimum: int = 0) -> None:
+def check_int(obj: Any, name: str, minimum: int) -> None:
     """`obj.<name>` must be an int (not a bool) >= `minimum`."""
     value = getattr(obj, name)
     if not is_int(value) or value < minimum:
