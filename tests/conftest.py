@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from scratchgpt.sources import SOURCES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The tools must never try the network during tests (see ../shared/notes/stack-facts.md).
@@ -20,16 +22,41 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The checksummed copies of the real downloads; CI sets this to ../shared/mirror.
+MIRROR_SET = bool(os.environ.get("SCRATCHGPT_MIRROR"))
 os.environ.setdefault("SCRATCHGPT_MIRROR", str(REPO_ROOT.parent / "shared" / "mirror"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop the session at once, with one message, when selected tests need a mirror that is not there.
+
+    (Rather than each of them erroring on its own; tests that need no data still run without one.)
+    """
+    needing = sum("mirror_dir" in getattr(item, "fixturenames", ()) for item in session.items)
+    problem = _mirror_problem(Path(os.environ["SCRATCHGPT_MIRROR"]).resolve()) if needing else None
+    if problem:
+        pytest.exit(
+            f"{needing} selected test(s) need the data mirror, but {problem}.\n"
+            "Point SCRATCHGPT_MIRROR at a directory holding the source files (e.g. SCRATCHGPT_MIRROR=../shared/mirror),"
+            "\nor build one from the canonical URLs (network needed) and use it:\n"
+            "    python -m scratchgpt.mirror DIR\n"
+            "    SCRATCHGPT_MIRROR=DIR python -m pytest",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+def _mirror_problem(path: Path) -> str | None:
+    """Why `path` is not a usable mirror, or None (every source's file is there; hashes are checked by the tests)."""
+    where = f"SCRATCHGPT_MIRROR={path}" if MIRROR_SET else f"SCRATCHGPT_MIRROR is not set and the default {path}"
+    if not path.is_dir():
+        return f"{where} does not exist"
+    missing = sorted(s.basename for s in SOURCES.values() if not (path / s.basename).is_file())
+    return f"{where} lacks {', '.join(missing)}" if missing else None
 
 
 @pytest.fixture(scope="session")
 def mirror_dir() -> Path:
-    """The data mirror; fails loudly (never skips) when it is not there."""
-    path = Path(os.environ["SCRATCHGPT_MIRROR"]).resolve()
-    if not (path / "vocab.bpe").is_file():
-        pytest.fail(f"SCRATCHGPT_MIRROR={path} does not hold the mirrored files (vocab.bpe missing)")
-    return path
+    """The data mirror (checked once for the whole session by `pytest_collection_finish`)."""
+    return Path(os.environ["SCRATCHGPT_MIRROR"]).resolve()
 
 
 class DvcProject:

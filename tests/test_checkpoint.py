@@ -38,12 +38,23 @@ def test_save_and_load_round_trip(tmp_path, tie):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config == {"model": cfg.to_dict(), "training": {"lr": 0.1}}
     assert ("out_head.weight" in load_file(tmp_path / "ckpt" / "model.safetensors")) is not tie
-    loaded = load_model(tmp_path / "ckpt").eval()
+    loaded = load_model(tmp_path / "ckpt")
     x = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     if tie:
         assert loaded.out_head.weight is loaded.tok_emb.weight
+
+
+def test_load_model_returns_the_model_in_eval_mode(tmp_path):
+    cfg = GPTConfig(**{**CFG.to_dict(), "drop_rate": 0.5})
+    save_model(GPTModel(cfg), tmp_path)
+    loaded = load_model(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    x = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))  # dropout 0.5 is off
+        assert not torch.equal(loaded.train()(x), loaded(x))  # and on again after .train()
 
 
 def test_save_leaves_no_temporary_files_and_replaces_atomically(tmp_path):
@@ -139,6 +150,18 @@ def test_hf_checkpoint_missing_a_tensor_names_it(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing tensor h\.2\.mlp\.c_fc\.bias"):
         load_hf_gpt2(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["directory", "weights file", "weights without config"])
+def test_hf_loader_refuses_our_own_checkpoint_and_points_to_load_model(tmp_path, what):
+    save_model(GPTModel(CFG), tmp_path / "ckpt")
+    if what == "weights without config":
+        (tmp_path / "ckpt" / "config.json").unlink()
+    path = tmp_path / "ckpt" if what == "directory" else tmp_path / "ckpt" / "model.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        load_hf_gpt2(path)
+    assert "is a scratchgpt checkpoint" in str(info.value)
+    assert f"scratchgpt.checkpoint.load_model('{tmp_path / 'ckpt'}')" in str(info.value)
 
 
 # --- parity with the book's own GPTModel (llms-from-scratch) -----------------------------------

@@ -132,9 +132,10 @@ def test_dvc_repro_sample_to_parquet(dvc_project) -> None:
     # An experiment that changes one sample param reruns only sample-to-parquet.
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "pipeline run")
-    exp = run("dvc", "exp", "run", "-S", "sample.max_length=32", "sample-to-parquet")
+    exp = run("dvc", "exp", "run", "-S", "sample.max_length=32", "-S", "sample.stride=32", "sample-to-parquet")
     assert "Running stage 'sample-to-parquet'" in exp
     assert "Running stage 'tokenize'" not in exp and "Running stage 'download'" not in exp
     sample = json.loads((repo / "metrics" / "sample.json").read_text())
-    assert sample["pretrain"]["max_length"] == 32
+    pretrain = sample["pretrain"]
+    assert (pretrain["max_length"], pretrain["stride"], pretrain["train_windows"]) == (32, 32, 144)  # twice 72
     assert TokenWindowDataset(repo / "data" / "processed" / "pretrain" / "train.parquet").max_length == 32

@@ -308,7 +308,7 @@ def test_sample_params_validation() -> None:
     for bad, message in [
         ({"max_length": 0}, "max_length must be a positive integer"),
         ({"stride": 1.5}, "stride must be a positive integer"),
-        ({"train_ratio": 1.0}, "train_ratio must be a number strictly between 0 and 1"),
+        ({"train_ratio": 1.0}, r"train_ratio must be a number in \(0, 1\)"),
         ({"spam_train_ratio": 0.9, "spam_val_ratio": 0.1}, "must leave a test split"),
         ({"instruct_train_ratio": 0.95, "instruct_test_ratio": 0.05}, "must leave a validation split"),
         ({"seed": -1}, "seed must be a non-negative integer"),

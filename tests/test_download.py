@@ -366,10 +366,10 @@ def test_mirror_from_env(tmp_path: Path) -> None:
         ({"sources": []}, "non-empty list"),
         ({"sources": ["the-verdict", "the-verdict"]}, "duplicate"),
         ({"partial_dir": "data/raw/partial"}, "must not be inside out_dir"),
-        ({"retries": -1}, "retries must be an integer >= 0"),
+        ({"retries": -1}, "retries must be a non-negative integer"),
         ({"read_timeout": 0}, "read_timeout must be a positive number"),
         ({"max_backoff": 0.5, "backoff": 1.0}, "max_backoff"),
-        ({"max_member_bytes": 1.5}, "max_member_bytes must be an integer"),
+        ({"max_member_bytes": 1.5}, "max_member_bytes must be a positive integer"),
         ({"retry": 3}, r"unknown key\(s\) \['retry'\]"),
     ],
 )

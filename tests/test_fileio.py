@@ -1,8 +1,9 @@
+import hashlib
 import os
 
 import pytest
 
-from scratchgpt.fileio import atomic_dir, atomic_path, write_json, write_text
+from scratchgpt.fileio import atomic_dir, atomic_path, sha256_file, write_json, write_text
 
 
 def test_atomic_path_leaves_nothing_on_error_and_keeps_the_old_file(tmp_path):
@@ -44,3 +45,10 @@ def test_outputs_get_umask_permissions_not_temp_file_ones(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_sha256_file_hashes_across_chunk_boundaries(tmp_path):
+    data = bytes(range(256)) * 41  # 10,496 bytes: several chunks of 1,000 and a short tail
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert sha256_file(path, chunk_size=1000) == sha256_file(path) == hashlib.sha256(data).hexdigest()

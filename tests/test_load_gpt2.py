@@ -210,7 +210,7 @@ def test_params_are_validated_before_any_work(workdir, caplog):
     set_load_params(workdir, base="pretrain", batch_size=0)
     with pytest.raises(SystemExit):
         run_stage()
-    assert "batch_size must be an integer >= 1" in caplog.text
+    assert "batch_size must be a positive integer, got 0" in caplog.text
     assert not (workdir / "models").exists()
 
 

@@ -38,8 +38,8 @@ def test_gpt2_presets_have_the_books_sizes(name, emb_dim, n_layers, n_heads):
         ({"n_layers": 0}, "n_layers must be a positive integer"),
         ({"vocab_size": -5}, "vocab_size must be a positive integer"),
         ({"context_length": 1.5}, "context_length must be a positive integer"),
-        ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\)"),
-        ({"drop_rate": -0.1}, r"drop_rate must be in \[0, 1\)"),
+        ({"drop_rate": 1.0}, r"drop_rate must be a number in \[0, 1\)"),
+        ({"drop_rate": -0.1}, r"drop_rate must be a number in \[0, 1\)"),
         ({"qkv_bias": "yes"}, "qkv_bias must be true or false"),
     ],
 )

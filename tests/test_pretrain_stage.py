@@ -204,7 +204,7 @@ def test_project_params_validate_and_fit_the_sample_windows():
 def test_model_overrides_are_validated():
     with pytest.raises(ParamsError, match="n_heads"):
         from_dict(PretrainParams, {"model": {"emb_dim": 100, "n_heads": 3}}, "pretrain")
-    with pytest.raises(ParamsError, match="model.preset"):
+    with pytest.raises(ParamsError, match=r"pretrain\.model: preset must be one of"):
         from_dict(PretrainParams, {"model": {"preset": "gpt5"}}, "pretrain")
 
 

@@ -100,6 +100,40 @@ def test_flatten_params_nested_dataclass_and_long_values():
         flatten_params([1, 2])
 
 
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_git_dirty_means_the_code_differs_not_what_dvc_writes(tmp_path):
+    repo = tmp_path / "repo"
+    files = ["src/pkg/models.py", "stages/train.py", "dvc.lock", "params.yaml", "metrics/m.json",
+             "plots/loss.csv", "data.dvc", "models/pretrain.dvc", "reports/r.md"]
+    for name in files:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("v1\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "v1")
+    info = tracking.git_info(repo)
+    assert info["git_dirty"] == "false" and len(info["git_commit"]) == 40
+    for name in files[2:]:  # what `dvc repro` / `dvc exp run` rewrite
+        (repo / name).write_text("v2\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "new.bin").write_text("x")  # untracked outputs
+    assert tracking.git_info(repo)["git_dirty"] == "false"
+    for code in files[:2]:  # src/pkg/models.py is code, not the models/ output directory
+        (repo / code).write_text("v2\n")
+        assert tracking.git_info(repo)["git_dirty"] == "true", code
+        git(repo, "checkout", "-q", "--", code)
+    assert tracking.git_info(repo)["git_dirty"] == "false"
+
+
+def test_git_info_is_empty_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # whatever holds tmp_path
+    assert tracking.git_info(tmp_path) == {}
+
+
 def test_project_root_walks_up_to_dvc_yaml_and_git(project, monkeypatch):
     sub = project / "stages" / "deep"
     sub.mkdir(parents=True, exist_ok=True)

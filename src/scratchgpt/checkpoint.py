@@ -65,13 +65,15 @@ def load_model(
     *,
     config_overrides: dict[str, Any] | None = None,
 ) -> GPTModel:
-    """Load a model saved with `save_model`. `config_overrides` may change non-shape fields such as
-    `drop_rate`."""
+    """Load a model saved with `save_model`, in eval mode (dropout off): call `.train()` to train it.
+
+    `config_overrides` may change non-shape fields such as `drop_rate`.
+    """
     directory = Path(directory)
     cfg = GPTConfig.from_dict({**load_config(directory)["model"], **(config_overrides or {})})
     model = GPTModel(cfg)
     load_weights(model, read_safetensors(directory / WEIGHTS_FILE))
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -169,16 +171,27 @@ def load_hf_gpt2(
     `path` is a directory with `config.json` and `model.safetensors`, or the safetensors file alone
     (its sizes are then read from the tensor shapes; `n_heads` defaults to the OpenAI model of that
     width). `drop_rate` defaults to the checkpoint's `resid_pdrop` (0.1 for OpenAI's models).
+    Our own checkpoints (written by `save_model`) are refused with a CheckpointError naming `load_model`.
     """
     path = Path(path)
     weights_file = path / WEIGHTS_FILE if path.is_dir() else path
     config_file = weights_file.parent / CONFIG_FILE
     tensors = _strip_hf_prefix(read_safetensors(weights_file))
     hf_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if _is_ours(tensors, hf_config):
+        raise CheckpointError(
+            f"{path} is a scratchgpt checkpoint (written by save_model), not a Hugging Face GPT-2 one: "
+            f"load it with scratchgpt.checkpoint.load_model('{weights_file.parent}')"
+        )
     cfg = _config_from_hf(tensors, hf_config, drop_rate=drop_rate, n_heads=n_heads, source=weights_file)
     model = GPTModel(cfg)
     load_weights(model, _hf_to_ours(tensors, cfg))
     return model
+
+
+def _is_ours(tensors: Mapping[str, Tensor], config: dict[str, Any]) -> bool:
+    """Our own layout: `config.json` with a "model" section, or our tensor names."""
+    return isinstance(config.get("model"), dict) or "tok_emb.weight" in tensors
 
 
 def _strip_hf_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

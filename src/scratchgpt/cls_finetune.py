@@ -34,7 +34,7 @@ from scratchgpt.classify import (
 from scratchgpt.datasets import SPAM_LABELS, DatasetError
 from scratchgpt.losses import POOLS, classification_accuracy, classification_loss
 from scratchgpt.model import GPTModel
-from scratchgpt.params import ParamsError
+from scratchgpt.params import ParamsError, check_choice, check_int, check_ratio, check_str
 from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,13 @@ class ClsParams:
     """Optimizer, schedule, batching, evaluation, checkpointing, device and precision."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
+        check_str(self, "preset")
+        check_choice(self, "mode", MODES)
+        check_choice(self, "pool", POOLS)
         lora.check_hyperparameters(self.lora_rank, self.lora_alpha)
-        if self.max_length is not None and (
-            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1
-        ):
-            raise ValueError(f"max_length must be null or an integer >= 1, got {self.max_length!r}")
-        rate = self.drop_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.max_length is not None:
+            check_int(self, "max_length", 1)
+        check_ratio(self, "drop_rate", zero=True)
         if not isinstance(self.train, TrainConfig):
             raise ValueError("train must be a mapping")
 

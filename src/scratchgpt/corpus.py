@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
-from tqdm import tqdm
 
 from scratchgpt.fileio import atomic_path
+from scratchgpt.params import check_int
+from scratchgpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,21 @@ class CorpusError(ValueError):
 class TokenizeParams:
     """`tokenize` section of params.yaml."""
 
-    # The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order.
     corpus: list[str] = field(default_factory=lambda: ["data/raw/the-verdict.txt"])
-    # Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
-    # pre-tokenizer splits anyway); bounds memory at about 3 * num_threads chunks.
+    """The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # Encoder threads; 0 = one per CPU. Does not change the output.
+    """Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
+    pre-tokenizer splits anyway); bounds memory at about 3 * num_threads chunks."""
     num_threads: int = 0
+    """Encoder threads; 0 = one per CPU. Does not change the output."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, list) or not all(isinstance(p, str) and p for p in self.corpus):
             raise ValueError(f"corpus must be a list of file paths, got {self.corpus!r}")
         if not self.corpus:
             raise ValueError("corpus is empty: list at least one text file")
-        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
-        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
-            raise ValueError(f"num_threads must be 0 (all CPUs) or a positive integer, got {self.num_threads!r}")
+        check_int(self, "chunk_bytes", 1)
+        check_int(self, "num_threads", 0)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -249,7 +248,7 @@ def encode_corpus(
     dtype = token_dtype(enc.n_vocab)
     stats = CorpusStats()
     eot = np.array([enc.eot_token], dtype=dtype)
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+    bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", show=progress)
 
     def pieces() -> Iterator[tuple[DocumentStats, bool, str]]:
         for p in paths:

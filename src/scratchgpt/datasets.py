@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from scratchgpt.corpus import read_utf8, token_dtype
 from scratchgpt.fileio import atomic_dir, atomic_path
+from scratchgpt.params import check_int, check_ratio
 
 WINDOW_COLUMN = "window"
 # Window row groups of ~64 KiB. A random read decodes one whole group (Parquet stores a list's
@@ -48,38 +49,31 @@ class DatasetError(ValueError):
 class SampleParams:
     """`sample` section of params.yaml: how the datasets are windowed, shuffled and split."""
 
-    # Tokens per training input; each stored window holds max_length + 1 (input and shifted target).
     max_length: int = 64
-    # Tokens between the starts of consecutive windows (= max_length: no overlap, as in the book).
+    """Tokens per training input; each stored window holds max_length + 1 (input and shifted target)."""
     stride: int = 64
-    # Share of the pretraining token stream (from its start) used for training; the rest validates.
+    """Tokens between the starts of consecutive windows (= max_length: no overlap, as in the book;
+    larger than max_length skips tokens)."""
     train_ratio: float = 0.9
-    # Seed for the spam collection's undersampling and shuffle.
+    """Share of the pretraining token stream (from its start) used for training; the rest validates."""
     seed: int = 123
-    # Spam split shares after shuffling: train, validation; the rest is the test split.
+    """Seed for the spam collection's undersampling and shuffle."""
     spam_train_ratio: float = 0.7
+    """Share of the shuffled spam rows for training (first in order)."""
     spam_val_ratio: float = 0.1
-    # Instruction split shares in file order: train first, then test; the rest is validation.
+    """Share of the shuffled spam rows for validation (after train); the rest is the test split."""
     instruct_train_ratio: float = 0.85
+    """Share of the instruction records for training, in file order (first)."""
     instruct_test_ratio: float = 0.1
+    """Share of the instruction records for testing (after train); the rest is validation."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in (
-            "train_ratio",
-            "spam_train_ratio",
-            "spam_val_ratio",
-            "instruct_train_ratio",
-            "instruct_test_ratio",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-                raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+            check_int(self, name, 1)
+        check_int(self, "seed", 0)
+        ratios = ("train_ratio", "spam_train_ratio", "spam_val_ratio", "instruct_train_ratio", "instruct_test_ratio")
+        for name in ratios:
+            check_ratio(self, name)
         if self.spam_train_ratio + self.spam_val_ratio >= 1:
             raise ValueError("spam_train_ratio + spam_val_ratio must leave a test split (sum < 1)")
         if self.instruct_train_ratio + self.instruct_test_ratio >= 1:

@@ -32,9 +32,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import requests
-from tqdm import tqdm
 
-from scratchgpt.fileio import atomic_path
+from scratchgpt.fileio import atomic_path, sha256_file
+from scratchgpt.params import check_int, check_number, check_str
+from scratchgpt.progress import progress_bar
 from scratchgpt.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
@@ -65,24 +66,26 @@ class UnsafeArchiveError(DownloadError):
 class DownloadParams:
     """`download` section of params.yaml."""
 
-    # Source names to fetch (keys of scratchgpt.sources.SOURCES); default: all of them.
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    # Directory the verified files are written to (the DVC output).
+    """Source names to fetch (keys of scratchgpt.sources.SOURCES); default: all of them."""
     out_dir: str = "data/raw"
-    # Where interrupted HTTP downloads wait to be resumed (`<basename>.part`); not inside out_dir.
+    """Directory the verified files are written to (the DVC output)."""
     partial_dir: str = "data/raw.partial"
-    # Seconds to wait for a TCP connection, and for each read from an open one.
+    """Where interrupted HTTP downloads wait to be resumed (`<basename>.part`); not inside out_dir."""
     connect_timeout: float = 10.0
+    """Seconds to wait for a TCP connection."""
     read_timeout: float = 60.0
-    # Attempts after the first one for a failed transfer (timeouts, dropped connections, 5xx, 429).
+    """Seconds to wait for each read from an open connection."""
     retries: int = 4
-    # Seconds before the first retry; doubles on each further retry, capped at max_backoff.
+    """Attempts after the first one for a failed transfer (timeouts, dropped connections, 5xx, 429)."""
     backoff: float = 1.0
+    """Seconds before the first retry; doubles on each further retry, capped at max_backoff."""
     max_backoff: float = 30.0
-    # Bytes per read from the network or a file.
+    """Longest wait between two attempts, in seconds."""
     chunk_size: int = 1 << 16
-    # Largest archive member (uncompressed bytes) we agree to extract: the zip-bomb bound.
+    """Bytes per read from the network or a file."""
     max_member_bytes: int = 64 << 20
+    """Largest archive member (uncompressed bytes) we agree to extract: the zip-bomb bound."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
@@ -93,24 +96,24 @@ class DownloadParams:
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources: duplicate names in {self.sources}")
         for name in ("out_dir", "partial_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{name} must be a non-empty path")
+            check_str(self, name)
         out, part = Path(os.path.normpath(self.out_dir)), Path(os.path.normpath(self.partial_dir))
         if part == out or out in part.parents:
             raise ValueError(f"partial_dir {self.partial_dir!r} must not be inside out_dir {self.out_dir!r}")
         for name in ("connect_timeout", "read_timeout"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+            check_number(self, name, 0, exclusive=True)
         for name in ("backoff", "max_backoff"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
+            check_number(self, name, 0)
         if self.max_backoff < self.backoff:
             raise ValueError(f"max_backoff ({self.max_backoff}) must be >= backoff ({self.backoff})")
-        for name in ("retries", "chunk_size", "max_member_bytes"):
-            value = getattr(self, name)
-            low = 0 if name == "retries" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(self, "retries", 0)
+        for name in ("chunk_size", "max_member_bytes"):
+            check_int(self, name, 1)
+
+    def http_options(self) -> dict[str, Any]:
+        """The keyword arguments of `fetch_url` these params set (timeouts, retries, backoff, chunk size)."""
+        names = ("connect_timeout", "read_timeout", "retries", "backoff", "max_backoff", "chunk_size")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass
@@ -121,17 +124,10 @@ class FileRecord:
     filename: str
     bytes: int
     sha256: str
-    source: str  # "url", "mirror", or "existing" (already present with the right hash)
-    archive: dict[str, Any] | None = None  # for archives: the zip's file name, size and sha256
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
+    source: str
+    """Where the file came from: "url", "mirror", or "existing" (already present with the right hash)."""
+    archive: dict[str, Any] | None = None
+    """For archives: the zip's file name, size and sha256."""
 
 
 def mirror_from_env(env: Mapping[str, str] | None = None) -> Path | None:
@@ -247,9 +243,9 @@ def _fetch_once(
             total = offset + int(length) if length and length.isdigit() else None
             with (
                 part.open(mode) as f,
-                tqdm(
+                progress_bar(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name.removesuffix(".part"), disable=None, leave=False,
+                    desc=part.name.removesuffix(".part"), show=None, leave=False,
                 ) as bar,
             ):
                 for chunk in resp.iter_content(chunk_size):
@@ -396,12 +392,7 @@ def download_source(source: Source, params: DownloadParams, *, mirror: Path | No
         raw = Path(params.partial_dir) / f"{source.basename}.part"
         log.info("%s: downloading %s", source.name, source.url)
         origin = "url"
-        raw_sha = fetch_url(
-            source.url, raw,
-            connect_timeout=params.connect_timeout, read_timeout=params.read_timeout,
-            retries=params.retries, backoff=params.backoff, max_backoff=params.max_backoff,
-            chunk_size=params.chunk_size,
-        )  # fmt: skip
+        raw_sha = fetch_url(source.url, raw, **params.http_options())
 
     try:
         if source.member is None:
@@ -464,7 +455,3 @@ def metrics(records: list[FileRecord]) -> dict[str, Any]:
             entry["archive"] = r.archive
         files[r.filename] = entry
     return {"files": files, "n_files": len(records), "total_bytes": sum(r.bytes for r in records)}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

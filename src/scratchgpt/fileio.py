@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""File helpers: atomic output (write to a temporary name beside the target, then rename) and hashing.
 
 A reader (or a crashed run) never sees a half-written file at the final path.
 """
@@ -6,6 +6,7 @@ A reader (or a crashed run) never sees a half-written file at the final path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -83,8 +84,6 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):

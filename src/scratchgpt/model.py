@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from scratchgpt.fileio import write_json
+from scratchgpt.params import check_bool, check_int, check_ratio
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,19 @@ class GPTConfig:
     """Share the output head's weight with the token embedding (as OpenAI's GPT-2 does)."""
 
     def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except ValueError as exc:  # name the class: a GPTConfig is also built outside params.yaml
+            raise ValueError(f"GPTConfig.{exc}") from None
+
+    def _validate(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            check_int(self, name, 1)
         if self.emb_dim % self.n_heads:
-            raise ValueError(
-                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        for name in ("qkv_bias", "tie_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        check_ratio(self, "drop_rate", zero=True)
+        check_bool(self, "qkv_bias")
+        check_bool(self, "tie_weights")
 
     @property
     def head_dim(self) -> int:

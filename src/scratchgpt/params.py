@@ -1,17 +1,20 @@
 """Typed, validated stage parameters read from `params.yaml`.
 
-Each stage declares a dataclass (fields with defaults and docstring comments, checks in
-`__post_init__`). `load_section` builds it from one top-level section of `params.yaml`, refusing
-unknown keys, so a typo fails before any work starts instead of being silently ignored.
+Each stage declares a dataclass (fields with defaults, each documented by a docstring under it;
+checks in `__post_init__`, written with the `check_*` helpers below). `load_section` builds it from
+one top-level section of `params.yaml`, refusing unknown keys, so a typo fails before any work
+starts instead of being silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,6 +116,75 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Field checks for `__post_init__`: each reads `obj.<name>` and raises ValueError naming the field
+# and the bad value. (`from_dict` turns that into a ParamsError prefixed with the section.)
+
+
+def check_int(obj: Any, name: str, minimum: int) -> None:
+    """`obj.<name>` must be an int (not a bool) >= `minimum`."""
+    value = getattr(obj, name)
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be {_int_phrase(minimum)}, got {value!r}")
+
+
+def check_number(obj: Any, name: str, minimum: float | None = None, *, exclusive: bool = False) -> None:
+    """`obj.<name>` must be a finite int or float (not a bool), and `>= minimum` (`> minimum` if `exclusive`)."""
+    value = getattr(obj, name)
+    if not is_number(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{name} must be {_number_phrase(minimum, exclusive)}, got {value!r}")
+
+
+def check_ratio(obj: Any, name: str, *, zero: bool = False) -> None:
+    """`obj.<name>` must be a number in (0, 1), or in [0, 1) with `zero=True`."""
+    value = getattr(obj, name)
+    if not is_number(value) or not (0 <= value < 1 if zero else 0 < value < 1):
+        raise ValueError(f"{name} must be a number in {'[0' if zero else '(0'}, 1), got {value!r}")
+
+
+def check_choice(obj: Any, name: str, choices: Collection[str]) -> None:
+    """`obj.<name>` must be one of `choices`."""
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(obj: Any, name: str) -> None:
+    """`obj.<name>` must be True or False (YAML `true`/`false`), not 0, 1 or a string."""
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_str(obj: Any, name: str) -> None:
+    """`obj.<name>` must be a string holding more than whitespace."""
+    value = getattr(obj, name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def is_int(value: object) -> bool:
+    """An int, and not a bool (YAML `true` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float, and not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_phrase(minimum: int) -> str:
+    return {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+
+def _number_phrase(minimum: float, exclusive: bool) -> str:
+    if minimum == 0:
+        return "a positive number" if exclusive else "a non-negative number"
+    return f"a number {'>' if exclusive else '>='} {minimum}"
 
 
 def _dataclass_type(hint: Any) -> type | None:

@@ -18,7 +18,7 @@ from scratchgpt import distributed, stage, tracking
 from scratchgpt.datasets import SampleParams, TokenWindowDataset
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import PRESETS, GPTConfig, GPTModel
-from scratchgpt.params import ParamsError
+from scratchgpt.params import ParamsError, check_choice, check_int, check_str
 from scratchgpt.tokenizer import gpt2_tokenizer
 from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything, text_sampler
 
@@ -50,8 +50,7 @@ class ModelParams:
     """Share the output head with the token embedding."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        check_choice(self, "preset", sorted(PRESETS))
         self.config()  # validates the overrides (GPTConfig checks every field)
 
     def overrides(self) -> dict[str, Any]:
@@ -81,14 +80,11 @@ class PretrainParams:
     """Tokens generated for that sample."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.preset, str) or not self.preset:
-            raise ValueError(f"preset must be a non-empty name, got {self.preset!r}")
+        check_str(self, "preset")
         if not isinstance(self.model, ModelParams) or not isinstance(self.train, TrainConfig):
             raise ValueError("model and train must be mappings")
-        if not isinstance(self.start_context, str) or not self.start_context:
-            raise ValueError("start_context must be a non-empty string")
-        if isinstance(self.sample_tokens, bool) or not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
-            raise ValueError(f"sample_tokens must be an integer >= 0, got {self.sample_tokens!r}")
+        check_str(self, "start_context")
+        check_int(self, "sample_tokens", 0)
 
 
 @dataclass(frozen=True)

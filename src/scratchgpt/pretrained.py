@@ -33,7 +33,7 @@ from scratchgpt.datasets import TokenWindowDataset
 from scratchgpt.download import DownloadError, DownloadParams, download_source, mirror_from_env
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import GPTModel
-from scratchgpt.params import ParamsError
+from scratchgpt.params import ParamsError, check_choice, check_int, check_str
 from scratchgpt.sources import Source
 from scratchgpt.tokenizer import gpt2_tokenizer
 from scratchgpt.training import evaluate_dataset, text_sampler
@@ -115,8 +115,7 @@ class LoadGPT2Params:
     """auto | cpu | cuda | mps."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, str) or not self.base.strip():
-            raise ValueError("base must be 'pretrain', an official size, a URL or a path")
+        check_str(self, "base")
         if self.sha256 is not None and not (
             isinstance(self.sha256, str) and len(self.sha256) == 64 and set(self.sha256) <= set("0123456789abcdef")
         ):
@@ -125,16 +124,14 @@ class LoadGPT2Params:
             raise ValueError(f"base {self.base!r} is a URL: pin it with load_gpt2.sha256")
         if self.base in OFFICIAL and self.sha256 not in (None, OFFICIAL[self.base].sha256):
             raise ValueError(f"base {self.base} is pinned already; sha256 must be null")
-        for name, low in (("batch_size", 1), ("sample_tokens", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_str(self, "weights_dir")
+        check_int(self, "batch_size", 1)
+        check_int(self, "sample_tokens", 0)
         for name in ("n_heads", "eval_batches"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be null or an integer >= 1, got {value!r}")
-        if self.device not in distributed.DEVICES:
-            raise ValueError(f"device must be one of {list(distributed.DEVICES)}, got {self.device!r}")
+            if getattr(self, name) is not None:
+                check_int(self, name, 1)
+        check_str(self, "start_context")
+        check_choice(self, "device", distributed.DEVICES)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,20 @@ from urllib.parse import unquote, urlsplit
 class Source:
     """One downloadable file."""
 
-    name: str  # the key used in params.yaml (`download.sources`)
-    url: str  # canonical location
-    filename: str  # file written under the output directory
-    sha256: str | None  # hash of the file at `url`; None where only the archive member is pinned
-    member: str | None = None  # for archives: the one member to extract (a path inside the zip)
-    member_sha256: str | None = None  # hash of the extracted member
-    mirror_name: str | None = None  # name in a mirror directory where URLs share a basename (model weights)
+    name: str
+    """The key used in params.yaml (`download.sources`)."""
+    url: str
+    """Canonical location."""
+    filename: str
+    """File written under the output directory."""
+    sha256: str | None
+    """Hash of the file at `url`; None where only the archive member is pinned."""
+    member: str | None = None
+    """For archives: the one member to extract (a path inside the zip)."""
+    member_sha256: str | None = None
+    """Hash of the extracted member."""
+    mirror_name: str | None = None
+    """Name in a mirror directory, where URLs share a basename (model weights); default: the URL's basename."""
 
     def __post_init__(self) -> None:
         if self.member is None and self.sha256 is None:

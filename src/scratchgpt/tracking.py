@@ -230,11 +230,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# What `dvc repro` / `dvc exp run` write themselves (paths relative to the DVC project root, where
+# stages run): changes there do not make the code differ from the commit. params.yaml is logged as
+# MLflow params.
+DVC_WRITTEN_PATHS = ("dvc.lock", "params.yaml", "metrics", "plots", "data", "models", "reports", "*.dvc")
+
+
 def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """`{"git_commit": sha, "git_dirty": "true"|"false"}` for the checkout at `cwd`; {} without git."""
+    """`{"git_commit": sha, "git_dirty": "true"|"false"}` for the checkout at `cwd`; {} without git.
+
+    `git_dirty` means "the code differs from the commit": a tracked file under `cwd` (the project
+    root) is modified, other than the files DVC writes on every `dvc repro` / `dvc exp run`
+    (`DVC_WRITTEN_PATHS`: dvc.lock, params.yaml, metrics/, plots/, data/, models/, reports/, *.dvc).
+    Untracked files do not count.
+    """
+    excludes = [f":(exclude){path}" for path in DVC_WRITTEN_PATHS]
     try:
         sha = _git(["rev-parse", "HEAD"], cwd)
-        status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+        status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", *excludes], cwd)
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": sha.strip(), "git_dirty": "true" if status.strip() else "false"}

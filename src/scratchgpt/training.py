@@ -50,6 +50,8 @@ from scratchgpt import checkpoint, distributed, fileio, optim
 from scratchgpt.distributed import DistInfo
 from scratchgpt.memory import glibc_mallopt, keep_freed_memory
 from scratchgpt.model import GPTModel
+from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, is_number
+from scratchgpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -122,55 +124,32 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        _check_int(self, "epochs", 1)
-        _check_int(self, "batch_size", 1)
-        _check_int(self, "grad_accum_steps", 1)
-        _check_int(self, "warmup_steps", 0)
-        _check_int(self, "eval_freq", 1)
-        _check_int(self, "checkpoint_every", 0)
-        _check_int(self, "num_workers", 0)
-        _check_int(self, "seed", 0)
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_freq"):
+            check_int(self, name, 1)
+        for name in ("warmup_steps", "checkpoint_every", "num_workers", "seed"):
+            check_int(self, name, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be < 2**32, got {self.seed}")
         for name in ("eval_iter", "final_eval_iter"):
             if getattr(self, name) is not None:
-                _check_int(self, name, 1)
-        for name in ("lr", "min_lr", "weight_decay", "warmup_ratio", "grad_clip", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+                check_int(self, name, 1)
+        check_number(self, "lr", 0, exclusive=True)
+        for name in ("min_lr", "weight_decay", "grad_clip", "eps"):
+            check_number(self, name, 0)
+        check_ratio(self, "warmup_ratio", zero=True)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.warmup_ratio >= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
-        if len(self.betas) != 2 or not all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or not all(
+            is_number(b) and 0 <= b < 1 for b in self.betas
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        _check_choice(self, "lr_schedule", ("constant", "cosine"))
-        _check_choice(self, "device", _DEVICES)
-        _check_choice(self, "precision", _PRECISIONS)
-        _check_choice(self, "resume", ("auto", "never"))
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
-
-
-def _check_int(obj: Any, name: str, minimum: int) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_choice(obj: Any, name: str, choices: Sequence[str]) -> None:
-    value = getattr(obj, name)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        check_choice(self, "lr_schedule", ("constant", "cosine"))
+        check_choice(self, "device", _DEVICES)
+        check_choice(self, "precision", _PRECISIONS)
+        check_choice(self, "resume", ("auto", "never"))
+        check_bool(self, "compile")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -320,15 +299,6 @@ def fingerprint_of(obj: Any) -> str:
         obj = dataclasses.asdict(obj)
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (for fingerprinting the data a run was trained on)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -577,12 +547,12 @@ class Trainer:
         self.model.train()
         for cb in self.callbacks:
             cb.on_train_start(self)
-        pbar = tqdm(
+        pbar = progress_bar(
             total=self.total_steps,
             initial=self.step,
             desc=self.desc,
             unit="step",
-            disable=not self.dist.is_main,
+            show=self.dist.is_main,
             dynamic_ncols=True,
         )
         try:
