@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cli.setup_logging()
     paths = LoadGPT2Paths(args.pretrain_dir, args.data_dir, args.vocab_dir, args.out_dir, args.metrics)
-    try:
+
+    def run() -> dict:
         params = load_section(LoadGPT2Params, "load_gpt2", args.params)
         network = load_section(DownloadParams, "download", args.params)
         download = dataclasses.replace(
             network, out_dir=params.weights_dir, partial_dir=f"{params.weights_dir.rstrip('/')}.partial"
         )
-        metrics = run_load_gpt2(params, download, paths)
-    except (ParamsError, DownloadError, CheckpointError, StageError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
+        return run_load_gpt2(params, download, paths)
+
+    metrics = cli.run_stage(run, (ParamsError, DownloadError, CheckpointError, StageError, FileNotFoundError), log)
     log.info(
         "base %s: %d parameters, val loss %.3f (perplexity %.1f)",
         metrics["source"], metrics["parameters"], metrics["val_loss"], metrics["val_perplexity"],

@@ -18,7 +18,6 @@ Distributed: `torchrun --standalone --nproc_per_node N stages/lora_cls_finetune.
 from __future__ import annotations
 
 import logging
-import os
 
 from scratchgpt import cli, distributed
 from scratchgpt.checkpoint import CheckpointError
@@ -34,18 +33,11 @@ log = logging.getLogger("stages.lora_cls_finetune")
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__, params=True)
     args = parser.parse_args(argv)
-    cli.setup_logging()
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 does the talking
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        params = load_section(ClsParams, "cls", args.params)
-        metrics = run_cls_finetune(params)
-    except (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
-            CheckpointMismatchError) as exc:  # fmt: skip
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
-    finally:
-        distributed.teardown()
+    cli.setup_stage_logging()
+    errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
+              CheckpointMismatchError)  # fmt: skip
+    run = lambda: run_cls_finetune(load_section(ClsParams, "cls", args.params))  # noqa: E731
+    metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:
         log.info(
             "test accuracy %.4f, F1 %.4f; %d trainable parameters (%.2f%%), %.0f examples/s",

@@ -15,13 +15,13 @@ Distributed: `torchrun --standalone --nproc_per_node N stages/pretrain.py` (gloo
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from scratchgpt import cli, distributed
 from scratchgpt.datasets import SampleParams
 from scratchgpt.params import ParamsError, load_section
 from scratchgpt.pretrain import PretrainParams, PretrainPaths, run_pretrain
+from scratchgpt.stage import StageError
 from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
 
 log = logging.getLogger("stages.pretrain")
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot-csv", type=Path, default=defaults.plot_csv, help="loss curve table (DVC plot)")
     parser.add_argument("--plot-png", type=Path, default=defaults.plot_png, help="loss curve image")
     args = parser.parse_args(argv)
-    cli.setup_logging()
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 does the talking
-        logging.getLogger().setLevel(logging.WARNING)
+    cli.setup_stage_logging()
 
     paths = PretrainPaths(
         data_dir=args.data_dir,
@@ -49,15 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         plot_csv=args.plot_csv,
         plot_png=args.plot_png,
     )
-    try:
+
+    def run() -> dict[str, float] | None:
         params = load_section(PretrainParams, "pretrain", args.params)
         sample = load_section(SampleParams, "sample", args.params)
-        metrics = run_pretrain(params, sample, paths)
-    except (ParamsError, NonFiniteLossError, CheckpointMismatchError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
-    finally:
-        distributed.teardown()
+        return run_pretrain(params, sample, paths)
+
+    errors = (ParamsError, NonFiniteLossError, CheckpointMismatchError, StageError, FileNotFoundError)
+    metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:
         log.info(
             "final train loss %.3f, val loss %.3f (perplexity %.1f), %d tokens at %.0f tokens/s",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -20,3 +24,30 @@ def parser(doc: str | None, *, params: bool = False, **kwargs: Any) -> argparse.
     if params:
         p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     return p
+
+
+def setup_stage_logging() -> None:
+    """`setup_logging`, with only warnings from the processes other than rank 0 under torchrun."""
+    setup_logging()
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def run_stage(
+    run: Callable[[], T],
+    expected: tuple[type[BaseException], ...],
+    log: logging.Logger,
+    cleanup: Callable[[], None] | None = None,
+) -> T:
+    """`run()`; an `expected` error (bad params, missing input, ...) is logged as one line and exits 1.
+
+    `cleanup` (e.g. `distributed.teardown`) runs in every case.
+    """
+    try:
+        return run()
+    except expected as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from exc
+    finally:
+        if cleanup is not None:
+            cleanup()

@@ -147,6 +147,11 @@ def plot_metric(
         top.plot(used, [sum(ylim) / 2] * len(used), alpha=0)
         ax.set_ylim(ylim)
         top.set_xlabel(twin_xlabel or twin_x_key)
+    return _save(fig, ax, path, title, dpi)
+
+
+def _save(fig: Any, ax: Any, path: Path, title: str | None, dpi: int) -> Path:
+    """Title, lay out and atomically write a figure as PNG."""
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -192,9 +197,4 @@ def plot_confusion_matrix(
     fig = Figure(figsize=(3.6, 3.2))
     ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(ax=ax, colorbar=False, cmap="Blues")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
+    return _save(fig, ax, path, title, dpi)
