@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scratchgpt.generate import generate, generate_stream, next_token
+from scratchgpt.generate import generate, generate_batch, generate_stream, next_token
 from scratchgpt.model import GPTConfig, GPTModel
 
 CFG = GPTConfig(vocab_size=101, context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
@@ -112,3 +112,38 @@ def test_generation_restores_training_mode(model):
     generate(model, torch.tensor([[1]]), 2)
     assert model.training
     model.eval()
+
+
+def test_batched_generation_of_prompts_of_different_lengths_equals_one_at_a_time():
+
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=97, context_length=40, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    model = GPTModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 7)]
+    batched = generate_batch(model, prompts, 15, pad_id=5)
+    alone = [generate_batch(model, [p], 15)[0] for p in prompts]
+    assert batched == alone and all(len(r) == 15 for r in batched)
+    for p, r in zip(prompts, alone, strict=True):  # and what the plain cached loop generates
+        assert generate(model, torch.tensor([p]), 15)[0, len(p):].tolist() == r
+    # left padding changes nothing visible: logits of real tokens equal the unpadded ones
+    padded = torch.tensor([[5, 5, 5, *prompts[2]]])
+    with torch.no_grad():
+        a = model(padded, left_pad=torch.tensor([3]))[:, 3:]
+        b = model(torch.tensor([prompts[2]]))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batched_generation_stops_each_row_at_eos_and_crops_long_prompts():
+
+    torch.manual_seed(4)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0))
+    prompts = [[1, 2, 3], [4] * 30]
+    free = generate_batch(model, prompts, 6)
+    eos = free[0][2]  # make row 0 stop after two tokens
+    stopped = generate_batch(model, prompts, 6, eos_id=eos)
+    assert stopped[0] == free[0][: free[0].index(eos)]
+    assert stopped[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
+    assert generate_batch(model, [[4] * 10], 6) == generate_batch(model, [[4] * 30], 6)  # kept the last 10
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate_batch(model, prompts, 16)

@@ -7,7 +7,7 @@ same tokens even once the sequence outgrows the window.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -87,6 +87,64 @@ def generate_stream(
             yield token
     finally:
         model.train(was_training)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The tokens generated after each prompt (up to `max_new_tokens`, ending before `eos_id`).
+
+    Prompts of different lengths run together: left-padded with `pad_id`, with a padding mask and
+    per-row positions (`GPTModel.forward(left_pad=...)`) and one KV cache, so each row gets the tokens
+    it would get alone. A prompt longer than the context leaves room for keeps its last
+    `context_length - max_new_tokens` tokens.
+    """
+    if not prompts:
+        return []
+    keep = model.cfg.context_length - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the context "
+                         f"of {model.cfg.context_length} tokens")  # fmt: skip
+    rows = [list(p)[-keep:] for p in prompts]
+    if any(not r for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    device = model.tok_emb.weight.device
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        idx[i, width - len(r) :] = torch.tensor(r, dtype=torch.long, device=device)
+    left_pad = torch.tensor([width - len(r) for r in rows], device=device)
+    _check_args(idx, max_new_tokens, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_kv_cache(len(rows), width + max_new_tokens)
+        logits = model(idx, caches, last_only=True, left_pad=left_pad)[:, -1]
+        tokens = []
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            tokens.append(token)
+            if eos_id is not None:
+                finished |= token.squeeze(1) == eos_id
+                if finished.all():
+                    break
+            if step + 1 < max_new_tokens:
+                logits = model(token, caches, left_pad=left_pad)[:, -1]
+    finally:
+        model.train(was_training)
+    out = torch.cat(tokens, dim=1).tolist() if tokens else [[] for _ in rows]
+    return [r[: r.index(eos_id)] if eos_id is not None and eos_id in r else r for r in out]
 
 
 def _next_logits(model: GPTModel, seq: Tensor, context: int, caches: list[KVCache] | None) -> Tensor:

@@ -155,7 +155,9 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.drop_rate = drop_rate
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        """`mask` (B, 1, T, S), True where a query may attend to a key, replaces the causal mask
+        (left-padded batches, see `GPTModel.forward`)."""
         b, t, _ = x.shape
         q, k, v = (self._split_heads(w(x), b, t) for w in (self.W_query, self.W_key, self.W_value))
         start = 0
@@ -163,7 +165,9 @@ class MultiHeadAttention(nn.Module):
             start = cache.pos
             k, v = cache.append(k, v)
         dropout = self.drop_rate if self.training else 0.0
-        if start == 0:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif t == 1:  # one new token may attend to everything cached: no mask needed
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -218,8 +222,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -238,11 +242,21 @@ class GPTModel(nn.Module):
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: Tensor, caches: list[KVCache] | None = None, *, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        caches: list[KVCache] | None = None,
+        *,
+        last_only: bool = False,
+        left_pad: Tensor | None = None,
+    ) -> Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T). With `caches` (one per layer, from
         `new_kv_cache`), `idx` continues the cached sequence and its keys/values are appended.
         `last_only` computes the output head for the last position only (B, 1, vocab): generation needs
-        no more, and the head is the largest matmul."""
+        no more, and the head is the largest matmul. `left_pad` (B,) says how many leading tokens of each
+        row (of the whole sequence, cached part included) are padding: positions then count from each
+        row's first real token and no real token attends to padding, so a row computes what it would
+        alone (batched generation of prompts of different lengths)."""
         start = caches[0].pos if caches else 0
         t = idx.shape[1]
         if start + t > self.cfg.context_length:
@@ -250,9 +264,13 @@ class GPTModel(nn.Module):
                 f"sequence of {start + t} tokens exceeds the context length {self.cfg.context_length}"
             )
         pos = torch.arange(start, start + t, device=idx.device)
+        mask = None
+        if left_pad is not None:
+            mask = _padded_causal_mask(left_pad, start, t)
+            pos = (pos.unsqueeze(0) - left_pad.unsqueeze(1)).clamp(min=0)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, mask)
         if last_only:
             x = x[:, -1:]
         return self.out_head(self.final_norm(x))
@@ -279,3 +297,12 @@ class GPTModel(nn.Module):
             total -= self.out_head.weight.numel()
         return total
 
+
+
+def _padded_causal_mask(left_pad: Tensor, start: int, t: int) -> Tensor:
+    """(B, 1, t, start + t) attention mask: causal, padding keys hidden; each query also sees itself,
+    so a padding query's row is never empty (its output is unused, but must not be NaN)."""
+    queries = torch.arange(start, start + t, device=left_pad.device).unsqueeze(1)
+    keys = torch.arange(start + t, device=left_pad.device).unsqueeze(0)
+    visible = (keys <= queries).unsqueeze(0) & (keys >= left_pad.view(-1, 1, 1))
+    return (visible | (keys == queries).unsqueeze(0)).unsqueeze(1)
