@@ -1,0 +1,108 @@
+"""Talk to an instruction-tuned model: type an instruction (and optionally an input), read the response
+as it is generated, token by token.
+
+    python -m scratchgpt.chat --model models/instruct
+    python -m scratchgpt.chat --model models/instruct --once "Name the author of 'Pride and Prejudice'."
+    python -m scratchgpt.chat --model models/instruct --once "Rewrite the sentence using a simile." \\
+        --input "The car is very fast."
+
+Interactively, an empty line ends the instruction, the next lines (up to an empty line) are its input,
+and end-of-file (Ctrl-D) quits. The prompt is the Alpaca format the model was fine-tuned on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from scratchgpt import checkpoint, cli, distributed
+from scratchgpt.datasets import format_prompt
+from scratchgpt.generate import generate_stream
+from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER
+from scratchgpt.model import GPTModel
+from scratchgpt.tokenizer import gpt2_tokenizer
+
+
+def stream_response(
+    model: GPTModel, tokenizer, instruction: str, input_text: str = "", *, max_new_tokens: int = 256,
+    temperature: float = 0.0, top_k: int | None = None,
+) -> Iterator[str]:  # fmt: skip
+    """Yield the response text piece by piece (whole characters only), without the response header."""
+    prompt = format_prompt({"instruction": instruction, "input": input_text}) + f"\n\n{RESPONSE_HEADER}\n"
+    ids = tokenizer.encode(prompt)[-(model.cfg.context_length - 1) :]
+    idx = torch.tensor([ids], device=model.tok_emb.weight.device)
+    budget = min(max_new_tokens, model.cfg.context_length - len(ids))
+    tokens: list[int] = []
+    shown = ""
+    for token in generate_stream(model, idx, budget, temperature=temperature, top_k=top_k, eos_id=END_OF_TEXT):
+        tokens.append(int(token[0, 0]))
+        text = tokenizer.decode(tokens)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+def _read_block(stream: TextIO, prompt: str, out: TextIO) -> str | None:
+    """Lines up to an empty line, joined; None at end of file."""
+    out.write(prompt)
+    out.flush()
+    lines = []
+    for line in stream:
+        if not line.strip():
+            return "\n".join(lines)
+        lines.append(line.rstrip("\n"))
+    return "\n".join(lines) if lines else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__, prog="python -m scratchgpt.chat")
+    parser.add_argument("--model", type=Path, default=Path("models/instruct"), help="instruction-tuned model")
+    parser.add_argument("--once", metavar="INSTRUCTION", help="answer this one instruction and exit")
+    parser.add_argument("--input", default="", help="the input that goes with --once's instruction")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--device", default="auto", choices=distributed.DEVICES, help="where to run")
+    args = parser.parse_args(argv)
+    cli.setup_logging(logging.WARNING)
+    try:
+        model = checkpoint.load_model(args.model, distributed.resolve_device(args.device))
+        tokenizer = gpt2_tokenizer(args.model)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: cannot load {args.model}: {exc}") from exc
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k}
+
+    def answer(instruction: str, input_text: str) -> None:
+        for piece in stream_response(model, tokenizer, instruction, input_text, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    if args.once is not None:
+        answer(args.once, args.input)
+        return
+    interactive = sys.stdin.isatty()
+    prompt_out = sys.stderr if interactive else _Null()
+    while True:
+        instruction = _read_block(sys.stdin, "### Instruction (empty line to finish):\n", prompt_out)
+        if instruction is None:
+            return
+        input_text = _read_block(sys.stdin, "### Input (optional, empty line to finish):\n", prompt_out) or ""
+        if instruction.strip():
+            answer(instruction, input_text)
+
+
+class _Null:
+    def write(self, _: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+if __name__ == "__main__":
+    main()
