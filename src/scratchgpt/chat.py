@@ -23,7 +23,7 @@ import torch
 from scratchgpt import checkpoint, cli, distributed
 from scratchgpt.datasets import format_prompt
 from scratchgpt.generate import generate_stream
-from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER
+from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER, extract_response
 from scratchgpt.model import GPTModel
 from scratchgpt.tokenizer import gpt2_tokenizer
 
@@ -32,20 +32,33 @@ def stream_response(
     model: GPTModel, tokenizer, instruction: str, input_text: str = "", *, max_new_tokens: int = 256,
     temperature: float = 0.0, top_k: int | None = None,
 ) -> Iterator[str]:  # fmt: skip
-    """Yield the response text piece by piece (whole characters only), without the response header."""
-    prompt = format_prompt({"instruction": instruction, "input": input_text}) + f"\n\n{RESPONSE_HEADER}\n"
-    ids = tokenizer.encode(prompt)[-(model.cfg.context_length - 1) :]
+    """Yield the response piece by piece; the pieces join to what the instruct-finetune stage writes for the
+    same record (`extract_response` of the text generated after the Alpaca prompt)."""
+    prompt = format_prompt({"instruction": instruction, "input": input_text})
+    ids = tokenizer.encode_ordinary(prompt)[-(model.cfg.context_length - 1) :]
     idx = torch.tensor([ids], device=model.tok_emb.weight.device)
     budget = min(max_new_tokens, model.cfg.context_length - len(ids))
     tokens: list[int] = []
     shown = ""
     for token in generate_stream(model, idx, budget, temperature=temperature, top_k=top_k, eos_id=END_OF_TEXT):
         tokens.append(int(token[0, 0]))
-        text = tokenizer.decode(tokens)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
-            continue
-        yield text[len(shown) :]
-        shown = text
+        ready = _settled(tokenizer.decode(tokens))
+        if len(ready) > len(shown):
+            yield ready[len(shown) :]
+            shown = ready
+    final = extract_response(tokenizer.decode(tokens))
+    if len(final) > len(shown):
+        yield final[len(shown) :]
+
+
+def _settled(text: str) -> str:
+    """The part of the response that later tokens cannot change: no header, no leading or trailing
+    whitespace, no half character, no tail that could still grow into a header."""
+    body = text.replace(RESPONSE_HEADER, "").lstrip().rstrip("\ufffd").rstrip()
+    for k in range(min(len(RESPONSE_HEADER) - 1, len(body)), 0, -1):
+        if RESPONSE_HEADER.startswith(body[-k:]):
+            return body[:-k].rstrip()
+    return body
 
 
 def _read_block(stream: TextIO, prompt: str, out: TextIO) -> str | None:
