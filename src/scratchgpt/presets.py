@@ -61,6 +61,7 @@ def validate(params: dict[str, Any]) -> None:
     """Validate the sections a preset may touch, and the pretrain/sample cross-checks."""
     from scratchgpt.cls_finetune import ClsParams
     from scratchgpt.datasets import SampleParams
+    from scratchgpt.evaluate import EvaluateParams
     from scratchgpt.instruct_finetune import InstructParams
     from scratchgpt.pretrain import PretrainParams, check_params
     from scratchgpt.pretrained import LoadGPT2Params
@@ -71,6 +72,7 @@ def validate(params: dict[str, Any]) -> None:
     from_dict(LoadGPT2Params, params.get("load_gpt2"), "load_gpt2")
     from_dict(ClsParams, params.get("cls"), "cls")
     from_dict(InstructParams, params.get("instruct"), "instruct")
+    from_dict(EvaluateParams, params.get("evaluate"), "evaluate")
 
 
 def yaml_value(value: Any) -> str:

@@ -1,0 +1,250 @@
+"""The evaluate stage end to end in a temporary project: a tiny random model, a four-record test split with
+known responses, the other stages' metrics, no judge and a judge served by a real local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from helpers import load_stage
+from ollama_server import FakeOllama, Reply, Status
+
+from scratchgpt.checkpoint import save_model
+from scratchgpt.datasets import build_instruction_table
+from scratchgpt.evaluate import EvaluateParams, exact_match, normalize, rouge_l
+from scratchgpt.model import GPTConfig, GPTModel
+from scratchgpt.params import ParamsError, from_dict
+from scratchgpt.tokenizer import gpt2_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = GPTConfig(vocab_size=50257, context_length=96, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+# (instruction, input, reference, the model's response, ROUGE-L F1 worked out by hand)
+CASES = [
+    ("Name the author of 'Pride and Prejudice'.", "", "Jane Austen.", "  Jane\n  Austen. ", 1.0),
+    ("Rewrite the sentence using a simile.", "The car is very fast.", "The car is as fast as lightning.", "The",
+     2 * (1 / 7) / (1 + 1 / 7)),  # LCS 1 word: precision 1/1, recall 1/7
+    ("What is the chemical symbol for mercury?", "", "Hg.", "", 0.0),
+    ("Convert 3 kilometers to meters.", "", "3 kilometers is 3000 meters.", "3 Kilometer is 3000 meter", 1.0),  # stems
+]  # fmt: skip
+RECORDS = [{"instruction": c[0], "input": c[1], "output": c[2]} for c in CASES]
+RESPONSES = [{**r, "model_response": c[3]} for r, c in zip(RECORDS, CASES, strict=True)]
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
+)
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory, mirror_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("split")
+    (out / "records.json").write_text(json.dumps(RECORDS))
+    pq.write_table(build_instruction_table(out / "records.json", gpt2_tokenizer(mirror_dir)), out / "test.parquet")
+    return out / "test.parquet"
+
+
+@pytest.fixture
+def project(tmp_path: Path, test_split: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work = tmp_path / "project"
+    (work / "data" / "processed" / "instruct").mkdir(parents=True)
+    shutil.copy(test_split, work / "data" / "processed" / "instruct" / "test.parquet")
+    torch.manual_seed(0)
+    base = {"kind": "pretrain", "path": "models/pretrain", "sha256": "0" * 64}
+    save_model(GPTModel(TINY), work / "models" / "instruct", extra={"base": base})
+    write_json(work / "data" / "responses" / "instruct_test.json", RESPONSES)
+    write_json(work / "metrics" / "pretrain.json", {"val_loss": 6.25, "val_perplexity": math.exp(6.25), "steps": 9})
+    write_json(work / "metrics" / "instruct.json", {"train_loss": 2.5, "val_loss": 2.75})  # no cls.json
+    (work / "plots").mkdir()
+    (work / "plots" / "pretrain_loss.png").write_bytes(PNG)
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    set_params(work, device="cpu", batch_size=4, examples_in_report=2)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SCRATCHGPT_PROJECT_ROOT", str(work))
+    monkeypatch.delenv("SCRATCHGPT_MLFLOW_PARENT_RUN_ID", raising=False)
+    return work
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def set_params(work: Path, **values) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage() -> None:
+    load_stage("evaluate").main([])
+
+
+def expected_response_loss(work: Path) -> float:
+    """Cross-entropy over every response target (and the end-of-text after it) of the four examples in one
+    batch, computed here from the model's logits without the stage's collate."""
+    from scratchgpt.checkpoint import load_model
+    from scratchgpt.instruct import InstructionDataset
+
+    model = load_model(work / "models" / "instruct")
+    ds = InstructionDataset(work / "data" / "processed" / "instruct" / "test.parquet")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, n_prompt in (ds[i] for i in range(len(ds))):
+            logp = torch.log_softmax(model(ids[None])[0].double(), dim=-1)
+            targets = [*ids[1:].tolist(), 50256]
+            for t in range(n_prompt - 1, len(ids)):
+                total -= logp[t, targets[t]].item()
+                count += 1
+    return total / count
+
+
+def mlflow_run(work: Path):
+    runs = mlflow.search_runs(experiment_names=["scratchgpt"], filter_string="tags.dvc_stage = 'evaluate'",
+                              output_format="list")  # fmt: skip
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_text_scores():
+    assert normalize("  Jane\n\t Austen.  ") == "Jane Austen."
+    assert exact_match("  Jane\n  Austen. ", "Jane Austen.") and not exact_match("jane austen.", "Jane Austen.")
+    scores = rouge_l([c[3] for c in CASES], [c[2] for c in CASES])
+    assert scores == pytest.approx([c[4] for c in CASES])
+
+
+def test_params_are_checked():
+    assert EvaluateParams().judge == "none"
+    with pytest.raises(ParamsError, match="needs the `openai` client"):
+        from_dict(EvaluateParams, {"judge": "openai"}, "evaluate")
+    with pytest.raises(ParamsError, match=r"judge must be one of \['none', 'ollama'\]"):
+        from_dict(EvaluateParams, {"judge": "llama"}, "evaluate")
+    with pytest.raises(ParamsError, match="url must be an http"):
+        from_dict(EvaluateParams, {"url": "localhost:11434"}, "evaluate")
+    with pytest.raises(ParamsError, match="timeout must be a positive number"):
+        from_dict(EvaluateParams, {"timeout": 0}, "evaluate")
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['judge_url'\]"):
+        from_dict(EvaluateParams, {"judge_url": "http://x"}, "evaluate")
+
+
+def test_without_a_judge(project: Path):
+    run_stage()
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert set(metrics) == {"pretrain", "instruct", "test"}  # cls.json is missing; no judge
+    assert metrics["pretrain"] == {"val_loss": 6.25, "val_perplexity": pytest.approx(math.exp(6.25))}
+    assert metrics["instruct"] == {"train_loss": 2.5, "val_loss": 2.75}
+    test = metrics["test"]
+    assert test["examples"] == 4 and test["loss_examples"] == 4 and test["truncated_examples"] == 0
+    assert test["exact_match"] == 0.25
+    assert test["rouge_l"] == pytest.approx(sum(c[4] for c in CASES) / 4)
+    assert test["distinct_responses"] == 4 and test["empty_responses"] == 1
+    assert test["response_loss"] == pytest.approx(expected_response_loss(project), rel=1e-5)
+    assert test["response_perplexity"] == pytest.approx(math.exp(test["response_loss"]))
+    assert 9.5 < test["response_loss"] < 12  # a random model: about ln(50257)
+
+    report = (project / "reports" / "eval.md").read_text()
+    assert "Judge: none" in report and "| evaluate | judge score, mean of 0–100 | — (no judge) |" in report
+    assert "| pretrain | validation loss | 6.250 |" in report and "| instruct-finetune | train loss | 2.500 |" in report
+    assert "| evaluate | exact match | 1 of 4 (25.0%) |" in report
+    assert f"| evaluate | ROUGE-L F1, mean | {test['rouge_l']:.3f} |" in report
+    assert "metrics/cls.json not found (run `dvc repro lora-cls-finetune`)" in report
+    assert "| lora-cls-finetune | spam classifier test accuracy | — |" in report
+    assert "![Pretraining loss](../plots/pretrain_loss.png)" in report
+    assert "*Instruction fine-tuning loss: no plot yet (run `dvc repro instruct-finetune`).*" in report
+    assert "this pipeline's own model" in report and "not as instruction following" in report
+    # responses beside references; best and worst by ROUGE-L, two each
+    assert "| 1 | Rewrite the sentence using a simile.<br>*Input:* The car is very fast. | " in report
+    assert "| Jane<br>  Austen. | 1.00 |" in report
+    assert "### Best 2 by ROUGE-L" in report and "### Worst 2 by ROUGE-L" in report
+    worst = report.split("### Worst 2 by ROUGE-L")[1]
+    assert "| 2 | What is the chemical symbol for mercury? | Hg. | *(empty)* | 0.00 |" in worst
+
+    scores = json.loads((project / "reports" / "eval_scores.json").read_text())
+    assert [s["exact_match"] for s in scores] == [True, False, False, False]
+    assert [s["rouge_l"] for s in scores] == pytest.approx([c[4] for c in CASES])
+    assert "judge_score" not in scores[0]
+
+    run = mlflow_run(project)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["evaluate.judge"] == "none" and run.data.tags["base.kind"] == "pretrain"
+    assert run.data.metrics["test.rouge_l"] == pytest.approx(test["rouge_l"])
+    assert run.data.metrics["pretrain.val_loss"] == 6.25
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval.json", "config.json", "params.json", "reports", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "reports")} == {
+        "reports/eval.md", "reports/eval_scores.json"}  # fmt: skip
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/pretrain_loss.png"}
+
+
+def test_with_an_ollama_judge(project: Path):
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        if "Jane Austen" in prompt:
+            return Reply("95")
+        if "mercury" in prompt:
+            return Reply("The response is empty, so I give it 0.")
+        return Reply("30" if "simile" in prompt else "80")
+
+    with FakeOllama(answer, script=[Status(500, "loading model")]) as server:  # the first request fails once
+        set_params(project, judge="ollama", url=server.url, model="llama3", retries=2, backoff=0.0, timeout=10.0)
+        run_stage()
+        assert server.requests[0] == ("GET", "/api/tags") and len(server.chats) == 5
+        assert all(c["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048} for c in server.chats)
+
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["judge"] == {"judged": 3, "unparseable": 1, "failed": 0, "mean_score": pytest.approx(205 / 3)}
+    assert metrics["test"]["exact_match"] == 0.25
+    scores = json.loads((project / "reports" / "eval_scores.json").read_text())
+    assert [s["judge_score"] for s in scores] == [95, 30, None, 80]
+    assert scores[0]["judge_attempts"] == 2 and scores[2]["judge_status"] == "unparseable"
+    assert scores[2]["judge_reply"] == "The response is empty, so I give it 0."
+
+    report = (project / "reports" / "eval.md").read_text()
+    assert f"Judge: ollama model 'llama3' at {server.url}." in report
+    assert "| evaluate | judge score, mean of 0–100 | 68.33 (3 scored) |" in report
+    assert "| replies that are not an integer 0–100 (left out of the mean) | 1 |" in report
+    assert "- #2: “The response is empty, so I give it 0.”" in report
+    best = report.split("### Best 2 by judge score")[1].split("###")[0]
+    assert best.index("| 0 | Name the author") < best.index("| 3 | Convert 3 kilometers")
+    assert "| 1 | Rewrite" in report.split("### Worst 2 by judge score")[1]
+    run = mlflow_run(project)
+    assert run.data.metrics["judge.mean_score"] == pytest.approx(205 / 3)
+    assert run.data.tags["judge"] == f"ollama model 'llama3' at {server.url}"
+
+
+def test_an_unreachable_judge_fails_before_any_work(project: Path, caplog):
+    set_params(project, judge="ollama", url="http://127.0.0.1:9")
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "cannot reach the ollama judge at http://127.0.0.1:9" in caplog.text
+    assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
+    assert not (project.parent / "mlflow.db").exists()  # no MLflow run was even started
+
+
+def test_inputs_are_checked_before_any_work(project: Path, caplog):
+    swapped = [RESPONSES[1], RESPONSES[0], *RESPONSES[2:]]
+    write_json(project / "data" / "responses" / "instruct_test.json", swapped)
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "record 0 does not match the test split (instruction, input, output differ)" in caplog.text
+    write_json(project / "data" / "responses" / "instruct_test.json", RESPONSES[:3])
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "holds 3 responses but the test split has 4 records" in caplog.text
+
+    shutil.rmtree(project / "models" / "instruct")
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "models/instruct/model.safetensors not found: run the instruct-finetune stage first" in caplog.text
+    set_params(project, judge="openai")
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "needs the `openai` client" in caplog.text
+    assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
