@@ -66,11 +66,12 @@ class DvcProject:
         self.path = path
         self.env = env
 
-    def run(self, *args: str, timeout: float = 600) -> str:
-        """Run a command in the project; fail the test with its output if it fails."""
+    def run(self, *args: str, timeout: float = 600, stdout_only: bool = False) -> str:
+        """Run a command in the project; fail the test with its output if it fails. Returns its stdout and
+        stderr together (`stdout_only`: stdout, e.g. for JSON)."""
         proc = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        return proc.stdout + proc.stderr
+        return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 @pytest.fixture

@@ -126,10 +126,13 @@ def test_official_size_comes_from_the_pinned_revision_and_is_checked(workdir, hf
 def test_offline_without_the_file_fails_at_once_naming_file_mirror_and_pretrain(workdir, monkeypatch, caplog):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     set_load_params(workdir, base="gpt2-medium")
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["download"].update(retries=4, backoff=30.0, max_backoff=30.0)  # a single retry would wait 30 s
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     start = time.monotonic()
     with pytest.raises(SystemExit):
         run_stage()
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 25 and "retry" not in caplog.text
     assert "cannot reach 127.0.0.1:9" in caplog.text
     assert "$SCRATCHGPT_MIRROR/gpt2-medium.safetensors" in caplog.text and "load_gpt2.base=pretrain" in caplog.text
 

@@ -274,7 +274,7 @@ def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "tiny preset")
 
-    out = run(sys.executable, "-m", "scratchgpt.presets", "tiny", "--run")
+    out = run(sys.executable, "-m", "scratchgpt.presets", "tiny", "--run", "--", "pretrain")
     assert "Running stage 'pretrain'" in out
     metrics = json.loads((repo / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 9
@@ -289,7 +289,7 @@ def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(
     assert {o["path"] for o in lock["outs"]} >= {"models/pretrain", "plots/pretrain_loss.csv", "metrics/pretrain.json"}
     metrics = json.loads((repo / "metrics" / "pretrain.json").read_text())
 
-    shown = json.loads(run("dvc", "plots", "show", "--json"))["data"]
+    shown = json.loads(run("dvc", "plots", "show", "--json", stdout_only=True))["data"]
     loss_plot = shown["pretrain_loss"][0]["content"]
     assert loss_plot["encoding"]["x"]["field"] == "tokens_seen"
     assert loss_plot["encoding"]["strokeDash"]["scale"]["domain"] == ["train_loss", "val_loss"]
