@@ -8,7 +8,7 @@ a rerun of a training stage resumes from its checkpoint (`resume: auto`).
     python flows/pipeline.py                                   # every stage, params.yaml as it is
     python flows/pipeline.py --stages pretrain                 # pretrain and what it depends on
     python flows/pipeline.py --set pretrain.train.lr=1e-3      # a DVC experiment (`dvc exp show`)
-    python flows/pipeline.py --device cuda --precision bf16-mixed --nproc 4
+    python flows/pipeline.py --preset book --device cuda --precision bf16-mixed --nproc 4
 
 Overrides (`--set`, and `--device`/`--precision`/`--nproc`, which set every `*.device`, `*.precision`,
 `*.nproc` key of params.yaml) are checked against params.yaml before any stage runs. Overrides that
@@ -64,14 +64,15 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 
 from scratchgpt import orchestration as orch  # noqa: E402
 from scratchgpt import tracking  # noqa: E402
-from scratchgpt.params import ParamsError, read_params  # noqa: E402
+from scratchgpt.params import ParamsError, flatten, read_params  # noqa: E402
+from scratchgpt.presets import load_preset  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # `download` retries with backoff (the network; its downloader also retries each file). Nothing else
 # retries: the other stages are deterministic, and a rerun of a training stage resumes its checkpoint.
 RETRIES = {"download": 3}
 RETRY_BACKOFF_S = 10
-STOP_GRACE_S = 15.0  # after SIGINT, how long a stage's processes get before SIGKILL
+STOP_GRACE_S = 5.0  # how long a stopped stage gets before the next, harder signal
 ENV_FALLBACKS = {"device": "SCRATCHGPT_DEVICE", "precision": "SCRATCHGPT_PRECISION", "nproc": "SCRATCHGPT_NPROC"}
 SUMMARY_KEY = "pipeline-summary"
 
@@ -137,23 +138,22 @@ def run_stage(stage: str, root: str, env: dict[str, str], pull: bool = False) ->
 
 
 def _stop_process_tree(pid: int) -> None:
-    """SIGINT to `dvc` and everything under it (the stage sees Ctrl-C: its MLflow run ends KILLED),
-    then SIGKILL what is left after STOP_GRACE_S."""
+    """Stop `dvc` and everything under it: SIGINT first (the stage sees Ctrl-C and ends its MLflow run
+    KILLED; DVC ignores it while a stage runs), then SIGTERM, then SIGKILL, STOP_GRACE_S apart."""
     import psutil  # a dependency of DVC
 
     try:
         root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
+        alive = [*root.children(recursive=True), root]  # the stage's processes before DVC
     except psutil.NoSuchProcess:
         return
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGINT)
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+        if not alive:
+            return
 
 
 @task(cache_policy=NO_CACHE, retries=0)
@@ -182,6 +182,7 @@ def save_experiment(root: str, name: str, env: dict[str, str], push: bool = Fals
 @flow(name="pipeline")
 def pipeline(
     stages: list[str] | None = None,
+    preset: str | None = None,
     device: str | None = None,
     precision: str | None = None,
     nproc: int | None = None,
@@ -194,7 +195,8 @@ def pipeline(
 ) -> list[dict[str, Any]]:
     """Run the DVC pipeline, or `stages` and what they depend on.
 
-    device: auto|cpu|cuda|mps for every `*.device` param; precision: fp32|bf16-mixed for every
+    preset: presets/<name>.yaml as overrides (e.g. "book"); device, precision, nproc and overrides win
+    over it. device: auto|cpu|cuda|mps for every `*.device` param; precision: fp32|bf16-mixed for every
     `*.precision`; nproc: processes per training stage (`*.train.nproc`, run under torchrun). Unset:
     $SCRATCHGPT_DEVICE / $SCRATCHGPT_PRECISION / $SCRATCHGPT_NPROC, else params.yaml as it is.
     overrides: {"pretrain.train.lr": 3e-4, ...}, checked before any stage runs. exp_name: name of the DVC
@@ -207,7 +209,7 @@ def pipeline(
     root = Path(project_dir or PROJECT_DIR).resolve()
     hardware = _hardware(device, precision, nproc)
     selected = orch.select_stages(orch.read_stages(root), stages)
-    requested = {**orch.hardware_overrides(read_params(root / "params.yaml"), **hardware), **(overrides or {})}
+    requested = _requested(root, preset, hardware, overrides)
     orch.resolve_overrides(read_params(root / "params.yaml"), requested)  # refuse bad overrides before waiting
 
     flow_run_name = runtime_flow_run.name or "local"
@@ -230,7 +232,7 @@ def pipeline(
                         " ".join(orch.dvc_set_args(changes)))  # fmt: skip
         with orch.overrides_applied(root, changes):
             params = read_params(root / "params.yaml")
-            return _run_pipeline(root, selected, params, changes, hardware, experiment, pull, push)
+            return _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push)
 
 
 @contextlib.contextmanager
@@ -240,6 +242,13 @@ def _logged_lock(logger, root: Path):
         yield
     finally:
         logger.info("releasing the checkout lock")
+
+
+def _requested(root: Path, preset: str | None, hardware: dict[str, Any], overrides: dict[str, Any] | None):
+    """All overrides asked for, flat: the preset's, then the hardware's, then the explicit ones (later wins)."""
+    params = read_params(root / "params.yaml")
+    from_preset = flatten(load_preset(preset, root / "presets")) if preset else {}
+    return {**from_preset, **orch.hardware_overrides(params, **hardware), **(overrides or {})}
 
 
 def _hardware(device: str | None, precision: str | None, nproc: int | None) -> dict[str, Any]:
@@ -254,7 +263,7 @@ def _hardware(device: str | None, precision: str | None, nproc: int | None) -> d
     return values
 
 
-def _run_pipeline(root, selected, params, changes, hardware, experiment, pull, push) -> list[dict[str, Any]]:
+def _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push) -> list[dict[str, Any]]:
     logger = get_run_logger()
     git = tracking.git_info(root)
     tags = {
@@ -268,6 +277,7 @@ def _run_pipeline(root, selected, params, changes, hardware, experiment, pull, p
         tags["mlflow.source.git.commit"] = git["git_commit"]
     run_params = {
         "stages": ",".join(s.name for s in selected),
+        "preset_file": preset or "none",
         **{k: ("params.yaml" if v is None else v) for k, v in hardware.items()},
         "pull": pull,
         "push": push,
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python flows/pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stages", nargs="+", metavar="STAGE", help="run these and what they depend on (default: all)")
+    parser.add_argument("--preset", help="presets/<name>.yaml as overrides, e.g. book")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="every *.device param")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], help="every *.precision param")
     parser.add_argument("--nproc", type=int, metavar="N", help="processes per training stage (torchrun)")
@@ -402,29 +413,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nproc is not None and args.nproc < 1:
         parser.error("--nproc must be >= 1")
+    # SIGTERM (kill, systemd, a worker cancelling): Prefect turns it into an exception that stops the stage
+    # (see run_stage), then re-delivers it to this handler, which exits through atexit, so the temporary
+    # server is stopped too instead of being left behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = _boot_temporary_server()  # boots in its own process while this one checks the arguments
     try:  # bad stages or overrides: exit before any flow run exists
         overrides = orch.parse_assignments(args.overrides)
         root = Path(args.project).resolve()
         orch.select_stages(orch.read_stages(root), args.stages)
         hardware = _hardware(args.device, args.precision, args.nproc)
-        params = read_params(root / "params.yaml")
-        orch.resolve_overrides(params, {**orch.hardware_overrides(params, **hardware), **overrides})
+        orch.resolve_overrides(read_params(root / "params.yaml"), _requested(root, args.preset, hardware, overrides))
     except (ParamsError, orch.PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import mlflow  # noqa: F401  # the flow's first MLflow call would import it; do it while the server boots
     if server is not None:
         server.join()
-    state = pipeline(
-        stages=args.stages, device=args.device, precision=args.precision, nproc=args.nproc, overrides=overrides,
-        exp_name=args.exp_name, pull=args.pull, push=args.push, lock_timeout=args.lock_timeout, project_dir=str(root),
-        return_state=True,
-    )  # fmt: skip
+    try:
+        state = _run_cli_flow(args, overrides, root)
+    except KeyboardInterrupt:
+        print("pipeline interrupted", file=sys.stderr)
+        return 130
     if not state.is_completed():
         print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_cli_flow(args, overrides, root):
+    return pipeline(
+        stages=args.stages, preset=args.preset, device=args.device, precision=args.precision, nproc=args.nproc,
+        overrides=overrides, exp_name=args.exp_name, pull=args.pull, push=args.push,
+        lock_timeout=args.lock_timeout, project_dir=str(root), return_state=True,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -252,12 +252,13 @@ def first_run(flow_module, prefect_server: Server, project: Project):
 
 def test_bad_overrides_and_stages_are_refused_before_any_stage_runs(flow_module, prefect_server, project):
     before = (project.root / "params.yaml").read_bytes()
-    for overrides, message in [
-        ({"pretrain.train.learning_rate": 1e-3}, "override pretrain.train.learning_rate: no such key"),
-        ({"pretrain.train.lr": -1.0}, "pretrain.train: lr must be a positive number"),
-        ({"cls.train.device": "tpu"}, "cls.train: device must be one of"),
+    for params, message in [
+        ({"overrides": {"pretrain.train.learning_rate": 1e-3}}, "override pretrain.train.learning_rate: no such key"),
+        ({"overrides": {"pretrain.train.lr": -1.0}}, "pretrain.train: lr must be a positive number"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"preset": "nosuch"}, "no preset 'nosuch'"),
     ]:
-        state = run_flow(flow_module, prefect_server, project, overrides=overrides)
+        state = run_flow(flow_module, prefect_server, project, **params)
         assert state.is_failed() and message in state.message, state.message
         with prefect_client(prefect_server) as client:
             from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
