@@ -103,17 +103,19 @@ def _error_line(lines: list[str]) -> str:
 
 
 @task(cache_policy=NO_CACHE, retries=0)
-def run_stage(stage: str, root: str, env: dict[str, str], pull: bool = False) -> dict[str, Any]:
-    """`dvc repro --single-item STAGE` in `root`, its output streamed to the Prefect log line by line."""
+def run_stage(stage: str, root: str, tracking_env: dict[str, str], pull: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE` in `root`, its output streamed to the Prefect log line by line.
+
+    `tracking_env` (the parent MLflow run's `child_env()`) is added to this process's environment.
+    """
     logger = get_run_logger()
     cmd = ["dvc", "repro", "--single-item", stage, *(["--pull"] if pull else [])]
     logger.info("$ %s", " ".join(cmd))
     start = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=60)
     seen: list[str] = []  # the lines DVC's verdict is read from
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    )
+    proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(tracking_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -157,7 +159,7 @@ def _stop_process_tree(pid: int) -> None:
 
 
 @task(cache_policy=NO_CACHE, retries=0)
-def save_experiment(root: str, name: str, env: dict[str, str], push: bool = False) -> str:
+def save_experiment(root: str, name: str, push: bool = False) -> str:
     """`dvc exp save -n NAME` (the workspace as a DVC experiment); with `push`, `dvc exp push origin NAME`
     (the experiment's git ref to the git remote `origin`, its outputs to the default DVC remote)."""
     logger = get_run_logger()
@@ -166,7 +168,7 @@ def save_experiment(root: str, name: str, env: dict[str, str], push: bool = Fals
         commands.append(["dvc", "exp", "push", "--force", "origin", name])
     for cmd in commands:
         logger.info("$ %s", " ".join(cmd))
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+        proc = subprocess.run(cmd, cwd=root, env=_stage_env({}), capture_output=True, text=True, timeout=3600)
         for line in (proc.stdout + proc.stderr).splitlines():
             if line.strip():
                 logger.info("%s", line)
@@ -291,7 +293,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         "pipeline", run_params, preset=orch.presets_of(params), run_name=f"pipeline {tags['prefect_flow_run_name']}",
         tags={k: v for k, v in tags.items() if v}, tracking_uri=uri,
     ) as run:  # fmt: skip
-        env = _stage_env(run)
+        tracking_env = run.child_env()  # stage runs nest under the parent run
         for stage in selected:
             task_fn = run_stage.with_options(
                 name=f"stage-{stage.name}",
@@ -300,7 +302,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
                 retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
             )
             try:
-                results.append(task_fn(stage.name, str(root), env, pull))
+                results.append(task_fn(stage.name, str(root), tracking_env, pull))
             except StageFailed as exc:
                 results.append({"stage": stage.name, "state": orch.FAILED, "wall_time_s": exc.wall_time_s})
                 failure = exc
@@ -308,7 +310,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         results += [{"stage": s.name, "state": orch.NOT_RUN} for s in selected[len(results):]]
         if failure is None and experiment:
             try:
-                save_experiment.with_options(task_run_name="save-experiment")(str(root), experiment, env, push)
+                save_experiment.with_options(task_run_name="save-experiment")(str(root), experiment, push)
             except Exception as exc:  # reported in the summary, then raised
                 failure = exc
         _report(root, selected, results, run, experiment, changes, failure)
@@ -318,10 +320,10 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
     return results
 
 
-def _stage_env(run: tracking.StageRun) -> dict[str, str]:
+def _stage_env(tracking_env: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)
-    env.update(run.child_env())  # stage runs nest under the parent run
+    env.update(tracking_env)
     env.setdefault("TQDM_DISABLE", "1")  # progress bars make poor log lines
     env["PYTHONUNBUFFERED"] = "1"  # stream the stage's lines as they come
     return env
