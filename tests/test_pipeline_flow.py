@@ -163,6 +163,7 @@ def project(tmp_path_factory, mirror_dir: Path, prefect_server: Server) -> Proje
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = _deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "presets" / "flowtest.yaml").write_text("cls:\n  train:\n    lr: 0.001\n    nproc: 1\n")
     settings = {
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(root / "src"),  # stages import the copy's code, which DVC hashes
@@ -333,11 +334,11 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     project.run(PREFECT, "work-pool", "create", "cpu", "--type", "process", timeout=120)
     deployed = project.run(PREFECT, "--no-prompt", "deploy", "--name", "cpu", timeout=120)
     assert "pipeline/cpu" in deployed.stdout, deployed.stdout[-2000:]
-    # good: a DVC experiment that retrains the classifier as two torchrun processes (cls.train.nproc), with
-    # a job variable merged into the deployment's. bad: its classifier's texts exceed the model's context.
+    # good: a DVC experiment (a preset, and an override that wins over it) that retrains the classifier as two
+    # torchrun processes, with a job variable merged into the deployment's. bad: texts longer than the context.
     good = _flow_run_uuid(project.run(
         PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"stages={json.dumps(TARGET)}", "--param",
-        'overrides={"cls.train.lr": 0.001, "cls.train.nproc": 2}',
+        "preset=flowtest", "--param", 'overrides={"cls.train.nproc": 2}',
         "--job-variable", 'env={"SCRATCHGPT_PRECISION": "fp32"}', timeout=120).stdout)  # fmt: skip
     bad = _flow_run_uuid(project.run(
         PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"stages={json.dumps(TARGET)}",
@@ -381,6 +382,7 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect_deployment"] == "cpu"
     # the deployment's job variables (nproc) and the run's (precision) both reached the flow
     assert (parent.data.params["nproc"], parent.data.params["precision"]) == ("1", "fp32")
+    assert parent.data.params["preset_file"] == "flowtest"
     assert [c.data.tags["dvc_stage"] for c in children] == ["lora-cls-finetune"]
     (cls_run,) = children
     assert cls_run.info.status == "FINISHED" and cls_run.data.params["cls.train.lr"] == "0.001"
