@@ -202,10 +202,10 @@ def pipeline(
     `*.precision`; nproc: processes per training stage (`*.train.nproc`, run under torchrun). Unset:
     $SCRATCHGPT_DEVICE / $SCRATCHGPT_PRECISION / $SCRATCHGPT_NPROC, else params.yaml as it is.
     overrides: {"pretrain.train.lr": 3e-4, ...}, checked before any stage runs. exp_name: name of the DVC
-    experiment (default prefect-<flow run name>). pull: `dvc repro --pull` (unchanged stages take their
-    outputs from the DVC remote). push: save the run as a DVC experiment even without overrides and
-    `dvc exp push origin` it. lock_timeout: seconds to wait for another flow run on this checkout.
-    project_dir: the checkout (default: the one holding this file).
+    experiment (default prefect-<flow run name>; an experiment of that name is replaced). pull: `dvc repro
+    --pull` (unchanged stages take their outputs from the DVC remote). push: save the run as a DVC
+    experiment even without overrides and `dvc exp push origin` it. lock_timeout: seconds to wait for
+    another flow run on this checkout. project_dir: the checkout (default: the one holding this file).
     """
     logger = get_run_logger()
     root = Path(project_dir or PROJECT_DIR).resolve()
