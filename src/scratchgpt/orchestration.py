@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from scratchgpt.params import ParamsError, flatten, parse_yaml, read_params
+from scratchgpt.params import ParamsError, flatten, from_dict, parse_yaml, read_params
 from scratchgpt.presets import apply_preset, validate, yaml_value
 
 LOCK_FILE = Path(".dvc") / "tmp" / "scratchgpt-pipeline.lock"
@@ -187,8 +187,18 @@ def resolve_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -
         if isinstance(value, float) and not math.isfinite(value):
             raise ParamsError(f"override {key}: {value!r} is not a finite number")
         _set_nested(nested, key.split("."), value)
-    validate(apply_preset(dict(params), nested))
+    _validate(apply_preset(dict(params), nested))
     return {k: v for k, v in overrides.items() if yaml_value(flat[k]) != yaml_value(v)}
+
+
+def _validate(params: dict[str, Any]) -> None:
+    """`scratchgpt.presets.validate`, and the two sections it leaves out (download, tokenize)."""
+    from scratchgpt.corpus import TokenizeParams
+    from scratchgpt.download import DownloadParams
+
+    validate(params)
+    from_dict(DownloadParams, params.get("download"), "download")
+    from_dict(TokenizeParams, params.get("tokenize"), "tokenize")
 
 
 def _unknown_key_message(key: Any, flat: Mapping[str, Any]) -> str:

@@ -60,14 +60,10 @@ def apply_preset(params: dict[str, Any], preset: dict[str, Any], where: str = ""
 def validate(params: dict[str, Any]) -> None:
     """Validate the sections a preset may touch, and the pretrain/sample cross-checks."""
     from scratchgpt.cls_finetune import ClsParams
-    from scratchgpt.corpus import TokenizeParams
     from scratchgpt.datasets import SampleParams
-    from scratchgpt.download import DownloadParams
     from scratchgpt.pretrain import PretrainParams, check_params
     from scratchgpt.pretrained import LoadGPT2Params
 
-    from_dict(DownloadParams, params.get("download"), "download")
-    from_dict(TokenizeParams, params.get("tokenize"), "tokenize")
     sample = from_dict(SampleParams, params.get("sample"), "sample")
     pretrain = from_dict(PretrainParams, params.get("pretrain"), "pretrain")
     check_params(pretrain, sample)
