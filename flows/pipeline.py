@@ -159,11 +159,12 @@ def _stop_process_tree(pid: int) -> None:
 
 
 @task(cache_policy=NO_CACHE, retries=0)
-def save_experiment(root: str, name: str, push: bool = False) -> str:
-    """`dvc exp save -n NAME` (the workspace as a DVC experiment); with `push`, `dvc exp push origin NAME`
-    (the experiment's git ref to the git remote `origin`, its outputs to the default DVC remote)."""
+def save_experiment(root: str, name: str, stages: list[str], push: bool = False) -> str:
+    """`dvc exp save -n NAME STAGE...` (the workspace as a DVC experiment, caching the outputs of the stages
+    the run covered: the others' may not exist); with `push`, `dvc exp push origin NAME` (the experiment's git
+    ref to the git remote `origin`, its outputs to the default DVC remote)."""
     logger = get_run_logger()
-    commands = [["dvc", "exp", "save", "--force", "-n", name]]
+    commands = [["dvc", "exp", "save", "--force", "-n", name, *stages]]
     if push:
         commands.append(["dvc", "exp", "push", "--force", "origin", name])
     for cmd in commands:
@@ -310,7 +311,9 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         results += [{"stage": s.name, "state": orch.NOT_RUN} for s in selected[len(results):]]
         if failure is None and experiment:
             try:
-                save_experiment.with_options(task_run_name="save-experiment")(str(root), experiment, push)
+                save_experiment.with_options(task_run_name="save-experiment")(
+                    str(root), experiment, [s.name for s in selected], push
+                )
             except Exception as exc:  # reported in the summary, then raised
                 failure = exc
         _report(root, selected, results, run, experiment, changes, failure)
