@@ -12,7 +12,8 @@ Checkpoints go to models/spam-classifier-ckpt/ (a persistent DVC output): with `
 auto` a killed run continues from its last one; one made with other params, base, data or code is
 not reused. Use the classifier with `python -m scratchgpt.classify --model models/spam-classifier "text"`.
 
-Distributed: `torchrun --standalone --nproc_per_node N stages/lora_cls_finetune.py`.
+Distributed: `cls.train.nproc: N` (the script relaunches itself under `torchrun --standalone
+--nproc_per_node N`), or `torchrun --standalone --nproc_per_node N stages/lora_cls_finetune.py` by hand.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_stage_logging()
     errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
               CheckpointMismatchError)  # fmt: skip
-    run = lambda: run_cls_finetune(load_section(ClsParams, "cls", args.params))  # noqa: E731
+
+    def run() -> dict[str, float] | None:
+        params = load_section(ClsParams, "cls", args.params)
+        distributed.launch(params.train.nproc)  # cls.train.nproc > 1: rerun this script under torchrun
+        return run_cls_finetune(params)
+
     metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:
         log.info(

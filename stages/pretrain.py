@@ -9,7 +9,8 @@ With `pretrain.train.resume: auto` a killed run continues from its last checkpoi
 is a persistent DVC output); a checkpoint made with other params, data or training code is not
 resumed from: training starts afresh and overwrites it.
 
-Distributed: `torchrun --standalone --nproc_per_node N stages/pretrain.py` (gloo on CPU, NCCL on GPU).
+Distributed (gloo on CPU, NCCL on GPU): `pretrain.train.nproc: N` makes the script relaunch itself under
+`torchrun --standalone --nproc_per_node N`; or start it by hand with that command.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> dict[str, float] | None:
         params = load_section(PretrainParams, "pretrain", args.params)
         sample = load_section(SampleParams, "sample", args.params)
+        distributed.launch(params.train.nproc)  # train.nproc > 1: rerun this script under torchrun
         return run_pretrain(params, sample, paths)
 
     errors = (ParamsError, NonFiniteLossError, CheckpointMismatchError, StageError, FileNotFoundError)

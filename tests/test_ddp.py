@@ -111,3 +111,39 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path:
     saved = read_safetensors(out / WEIGHTS_FILE)
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-5)
+
+
+LAUNCHED = textwrap.dedent(
+    """
+    import logging, os, sys
+    from scratchgpt import distributed
+    logging.basicConfig(level=logging.INFO)
+    distributed.launch(int(sys.argv[1]))
+    print("rank", os.environ.get("RANK", "-"), "of", os.environ.get("WORLD_SIZE", "-"), sys.argv[1:], flush=True)
+    """
+)
+
+
+def test_launch_reruns_the_script_under_torchrun_with_nproc_processes(tmp_path: Path, monkeypatch):
+    """`train.nproc: N` (distributed.launch): a stage script started alone becomes N torchrun processes."""
+    script = tmp_path / "stage.py"
+    script.write_text(LAUNCHED)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(script), "2", "--params", "p.yaml"], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 of 2 ['2', '--params', 'p.yaml']", "rank 1 of 2 ['2', '--params', 'p.yaml']"]
+    assert "relaunching under torchrun" in proc.stderr
+
+    one = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60, env=env)
+    assert one.stdout.strip() == "rank - of - ['1']"
+
+    from scratchgpt.distributed import launch
+    from scratchgpt.params import ParamsError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    launch(1)  # a hand-started torchrun: nproc 1 takes what it gives
+    launch(2)
+    with pytest.raises(ParamsError, match="train.nproc is 3 but torchrun started 2 processes"):
+        launch(3)

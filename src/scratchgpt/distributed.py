@@ -3,16 +3,24 @@
 The same script runs alone or under `torchrun --nproc_per_node N`: `setup()` reads the launcher's
 environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) and joins the process group (NCCL on CUDA, gloo on
 CPU); without it, it is a no-op and every helper here degrades to the single-process case.
+`launch(nproc)` lets a stage start itself that way (`train.nproc` in params.yaml), so `dvc repro` runs it
+data parallel without a hand-typed `torchrun`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from scratchgpt.params import ParamsError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,31 @@ def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank), dev
+
+
+def launch(nproc: int) -> None:
+    """Make the running stage script `nproc` data-parallel processes (its `train.nproc` param).
+
+    Outside `torchrun`, with `nproc` > 1, this process is replaced (`os.execv`: same PID, so DVC and
+    signals still reach it) by `python -m torch.distributed.run --standalone --nproc_per_node nproc
+    <this script> <its arguments>`, which runs the script `nproc` times; nothing before this call
+    should have side effects. With `nproc` 1 it returns at once (one process, or what a hand-started
+    `torchrun` gave). Under `torchrun` with `nproc` > 1, the world size must equal `nproc`.
+    """
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is not None:
+        if nproc > 1 and int(world_size) != nproc:
+            raise ParamsError(f"train.nproc is {nproc} but torchrun started {world_size} processes; "
+                              "set train.nproc to 1 to use what torchrun gives, or let the stage launch itself")
+        return
+    if nproc <= 1:
+        return
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            sys.argv[0], *sys.argv[1:]]  # fmt: skip
+    log.info("train.nproc = %d: relaunching under torchrun: %s", nproc, " ".join(argv[1:]))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execv(sys.executable, argv)
 
 
 def teardown() -> None:

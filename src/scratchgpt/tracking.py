@@ -401,18 +401,23 @@ def pipeline_run(
     run_name: str | None = None,
     enabled: bool = True,
     tags: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
 ) -> Iterator[StageRun]:
-    """A parent run for an orchestrated pipeline; pass `run.child_env()` to each stage's process."""
-    with _run({"pipeline": name}, params, preset, experiment, run_name or name, enabled, tags) as run:
+    """A parent run for an orchestrated pipeline; pass `run.child_env()` to each stage's process.
+
+    `tracking_uri` (default: `tracking_uri()`) names the store when the orchestrator does not run in
+    the project directory.
+    """
+    with _run({"pipeline": name}, params, preset, experiment, run_name or name, enabled, tags, tracking_uri) as run:
         yield run
 
 
 @contextlib.contextmanager
-def _run(kind_tag, params, preset, experiment, run_name, enabled, extra_tags) -> Iterator[StageRun]:
+def _run(kind_tag, params, preset, experiment, run_name, enabled, extra_tags, uri=None) -> Iterator[StageRun]:
     if not (enabled and tracking_enabled()):
         yield StageRun.disabled()
         return
-    run = _start(kind_tag, params, preset, experiment, run_name, extra_tags)
+    run = _start(kind_tag, params, preset, experiment, run_name, extra_tags, uri)
     try:
         yield run
     except KeyboardInterrupt:
@@ -424,12 +429,12 @@ def _run(kind_tag, params, preset, experiment, run_name, enabled, extra_tags) ->
     _end(run, "FINISHED", None)
 
 
-def _start(kind_tag, params, preset, experiment, run_name, extra_tags) -> StageRun:
+def _start(kind_tag, params, preset, experiment, run_name, extra_tags, uri=None) -> StageRun:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     if os.environ.get("MLFLOW_RUN_ID"):
         log.warning("MLFLOW_RUN_ID is set and ignored; nest stage runs with %s instead", ENV_PARENT_RUN_ID)
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     client = _client(uri)
     parent_id = os.environ.get(ENV_PARENT_RUN_ID) or None
     parent = _parent_run(client, parent_id, uri) if parent_id else None

@@ -71,7 +71,7 @@ _PRECISIONS = ("fp32", "bf16-mixed")
 _DEVICES = distributed.DEVICES
 # Fields that change how a run is executed or saved, not what it computes: a checkpoint made with
 # other values is still resumable.
-_OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every")
+_OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every", "nproc")
 @dataclass
 class TrainConfig:
     """How to train. Each field is a `params.yaml` key (e.g. `pretrain.train.lr`)."""
@@ -120,11 +120,15 @@ class TrainConfig:
     """auto: continue from a compatible checkpoint in the output directory; never: start afresh."""
     num_workers: int = 0
     """DataLoader worker processes for the training set (0: load in the training process)."""
+    nproc: int = 1
+    """Data-parallel processes the stage runs as: N > 1 makes the stage script relaunch itself under
+    `torchrun --standalone --nproc_per_node N` (`scratchgpt.distributed.launch`; batch_size is per process).
+    1: one process, or as many as a hand-started `torchrun` gives it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_freq"):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_freq", "nproc"):
             check_int(self, name, 1)
         for name in ("warmup_steps", "checkpoint_every", "num_workers", "seed"):
             check_int(self, name, 0)

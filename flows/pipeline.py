@@ -1,0 +1,462 @@
+"""Prefect flow `pipeline`: the DVC stages of dvc.yaml in pipeline order, one Prefect task each.
+
+Each task runs `dvc repro --single-item STAGE` (DVC decides what is up to date; the tasks use no Prefect
+cache) and streams its output into the Prefect log. A failing stage fails the flow run, naming the stage.
+`download` (and `load-gpt2`, which may download weights) retry with backoff; nothing else retries:
+a rerun of a training stage resumes from its checkpoint (`resume: auto`).
+
+    python flows/pipeline.py                                   # every stage, params.yaml as it is
+    python flows/pipeline.py --stages pretrain                 # pretrain and what it depends on
+    python flows/pipeline.py --set pretrain.train.lr=1e-3      # a DVC experiment (`dvc exp show`)
+    python flows/pipeline.py --preset book --device cuda --precision bf16-mixed --nproc 4
+
+Overrides (`--set`, and `--device`/`--precision`/`--nproc`, which set every `*.device`, `*.precision`,
+`*.nproc` key of params.yaml) are checked against params.yaml before any stage runs. Overrides that
+change a value are written into params.yaml as `dvc exp run -S` writes them, the stages run, and the
+workspace is saved as a DVC experiment (`dvc exp save`, shown by `dvc exp show`); then params.yaml is
+put back (after a crash, by the next run), so every run starts from the same params. Without overrides
+the run is a plain `dvc repro`.
+
+The flow opens an MLflow parent run (tags: Prefect flow-run id, git commit, preset, DVC experiment)
+under which the stages' runs nest, and ends with a markdown artifact `pipeline-summary`: each stage's
+state (ran, skipped as up to date, restored from DVC's run cache, failed, not run), wall time and
+headline metrics. One flow run at a time per checkout (a lock; a second run waits up to
+`--lock-timeout` seconds, then fails naming the first).
+
+Without PREFECT_API_URL the flow runs on a temporary local Prefect server; deployments: prefect.yaml.
+Flow parameters left unset fall back to the environment (the work pools' job variables):
+SCRATCHGPT_DEVICE, SCRATCHGPT_PRECISION, SCRATCHGPT_NPROC.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline and quiet: no telemetry or update checks (set before Prefect and MLflow are imported).
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import deployment as runtime_deployment  # noqa: E402
+from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+from scratchgpt import orchestration as orch  # noqa: E402
+from scratchgpt import tracking  # noqa: E402
+from scratchgpt.params import ParamsError, flatten, read_params  # noqa: E402
+from scratchgpt.presets import load_preset  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# `download` retries with backoff (the network; its downloader also retries each file). Nothing else
+# retries: the other stages are deterministic, and a rerun of a training stage resumes its checkpoint.
+RETRIES = {"download": 3}
+RETRY_BACKOFF_S = 10
+STOP_GRACE_S = 5.0  # how long a stopped stage gets before the next, harder signal
+ENV_FALLBACKS = {"device": "SCRATCHGPT_DEVICE", "precision": "SCRATCHGPT_PRECISION", "nproc": "SCRATCHGPT_NPROC"}
+SUMMARY_KEY = "pipeline-summary"
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro` of one stage exited non-zero."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str], wall_time_s: float) -> None:
+        super().__init__(f"stage '{stage}' failed (`dvc repro --single-item {stage}` exited with {returncode}): "
+                         f"{_error_line(tail)}")  # fmt: skip
+        self.stage = stage
+        self.returncode = returncode
+        self.wall_time_s = wall_time_s
+
+
+def _error_line(lines: list[str]) -> str:
+    """The most telling line of a failed stage's output: the stage's own logged error (`... ERROR msg`),
+    else the last line of a traceback, else DVC's `ERROR: ...`, else the last line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    logged = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    dvc = [line for line in lines if line.startswith("ERROR:")]
+    return next((group[-1] for group in (logged, raised, dvc, lines) if group), "(no output)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@task(cache_policy=NO_CACHE, retries=0)
+def run_stage(stage: str, root: str, tracking_env: dict[str, str], pull: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE` in `root`, its output streamed to the Prefect log line by line.
+
+    `tracking_env` (the parent MLflow run's `child_env()`) is added to this process's environment.
+    """
+    logger = get_run_logger()
+    cmd = ["dvc", "repro", "--single-item", stage, *(["--pull"] if pull else [])]
+    logger.info("$ %s", " ".join(cmd))
+    start = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    seen: list[str] = []  # the lines DVC's verdict is read from
+    proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(tracking_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            for line in raw.rstrip("\n").split("\r"):  # progress bars redraw with \r
+                if not line.strip():
+                    continue
+                logger.info("%s", line)
+                tail.append(line)
+                if stage in line and ("stage" in line.lower() or "Pulling data" in line):
+                    seen.append(line)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # the flow is being stopped: stop the stage too
+            _stop_process_tree(proc.pid)
+            proc.wait()
+    wall = time.monotonic() - start
+    if returncode != 0:
+        raise StageFailed(stage, returncode, list(tail), wall)
+    state = orch.stage_outcome(stage, "\n".join(seen))
+    logger.info("stage %s: %s in %.1f s", stage, state, wall)
+    return {"stage": stage, "state": state, "wall_time_s": wall}
+
+
+def _stop_process_tree(pid: int) -> None:
+    """Stop `dvc` and everything under it: SIGINT first (the stage sees Ctrl-C and ends its MLflow run
+    KILLED; DVC ignores it while a stage runs), then SIGTERM, then SIGKILL, STOP_GRACE_S apart."""
+    import psutil  # a dependency of DVC
+
+    try:
+        root = psutil.Process(pid)
+        alive = [*root.children(recursive=True), root]  # the stage's processes before DVC
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+        if not alive:
+            return
+
+
+@task(cache_policy=NO_CACHE, retries=0)
+def save_experiment(root: str, name: str, stages: list[str], push: bool = False) -> str:
+    """`dvc exp save -n NAME STAGE...` (the workspace as a DVC experiment, caching the outputs of the stages
+    the run covered: the others' may not exist); with `push`, `dvc exp push origin NAME` (the experiment's git
+    ref to the git remote `origin`, its outputs to the default DVC remote)."""
+    logger = get_run_logger()
+    commands = [["dvc", "exp", "save", "--force", "-n", name, *stages]]
+    if push:
+        commands.append(["dvc", "exp", "push", "--force", "origin", name])
+    for cmd in commands:
+        logger.info("$ %s", " ".join(cmd))
+        proc = subprocess.run(cmd, cwd=root, env=_stage_env({}), capture_output=True, text=True, timeout=3600)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if line.strip():
+                logger.info("%s", line)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow
+
+
+@flow(name="pipeline")
+def pipeline(
+    stages: list[str] | None = None,
+    preset: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    nproc: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    exp_name: str | None = None,
+    pull: bool = False,
+    push: bool = False,
+    lock_timeout: float = 600.0,
+    project_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the DVC pipeline, or `stages` and what they depend on.
+
+    preset: presets/<name>.yaml as overrides (e.g. "book"); device, precision, nproc and overrides win
+    over it. device: auto|cpu|cuda|mps for every `*.device` param; precision: fp32|bf16-mixed for every
+    `*.precision`; nproc: processes per training stage (`*.train.nproc`, run under torchrun). Unset:
+    $SCRATCHGPT_DEVICE / $SCRATCHGPT_PRECISION / $SCRATCHGPT_NPROC, else params.yaml as it is.
+    overrides: {"pretrain.train.lr": 3e-4, ...}, checked before any stage runs. exp_name: name of the DVC
+    experiment (default prefect-<flow run name>; an experiment of that name is replaced). pull: `dvc repro
+    --pull` (unchanged stages take their outputs from the DVC remote). push: save the run as a DVC
+    experiment even without overrides and `dvc exp push origin` it. lock_timeout: seconds to wait for
+    another flow run on this checkout. project_dir: the checkout (default: the one holding this file).
+    """
+    logger = get_run_logger()
+    root = Path(project_dir or PROJECT_DIR).resolve()
+    hardware = _hardware(device, precision, nproc)
+    selected = orch.select_stages(orch.read_stages(root), stages)
+    requested = _requested(root, preset, hardware, overrides)
+    orch.resolve_overrides(read_params(root / "params.yaml"), requested)  # refuse bad overrides before waiting
+
+    flow_run_name = runtime_flow_run.name or "local"
+    holder = {"flow_run": flow_run_name, "flow_run_id": str(runtime_flow_run.id or ""),
+              "pid": os.getpid(), "host": socket.gethostname()}  # fmt: skip
+
+    def waiting(other: dict[str, Any]) -> None:
+        logger.warning("waiting (up to %g s) for another run on this checkout: %s", lock_timeout,
+                       orch.describe_holder(other))  # fmt: skip
+
+    with orch.checkout_lock(root, holder, timeout=lock_timeout, on_wait=waiting), _logged_lock(logger, root):
+        if orch.restore_params(root):
+            logger.warning("restored params.yaml from %s: a run was killed with its overrides applied",
+                           orch.PARAMS_BACKUP)  # fmt: skip
+        params = read_params(root / "params.yaml")
+        changes = orch.resolve_overrides(params, requested)
+        experiment = (exp_name or f"prefect-{flow_run_name}") if (changes or push) else None
+        if changes:
+            logger.info("overrides (params.yaml is restored when the run ends): %s",
+                        " ".join(orch.dvc_set_args(changes)))  # fmt: skip
+        with orch.overrides_applied(root, changes):
+            params = read_params(root / "params.yaml")
+            return _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push)
+
+
+@contextlib.contextmanager
+def _logged_lock(logger, root: Path):
+    logger.info("holding the checkout lock of %s", root)
+    try:
+        yield
+    finally:
+        logger.info("releasing the checkout lock")
+
+
+def _requested(root: Path, preset: str | None, hardware: dict[str, Any], overrides: dict[str, Any] | None):
+    """All overrides asked for, flat: the preset's, then the hardware's, then the explicit ones (later wins)."""
+    params = read_params(root / "params.yaml")
+    from_preset = flatten(load_preset(preset, root / "presets")) if preset else {}
+    return {**from_preset, **orch.hardware_overrides(params, **hardware), **(overrides or {})}
+
+
+def _hardware(device: str | None, precision: str | None, nproc: int | None) -> dict[str, Any]:
+    values: dict[str, Any] = {"device": device, "precision": precision, "nproc": nproc}
+    for name, env in ENV_FALLBACKS.items():
+        if values[name] is None and os.environ.get(env, "").strip():
+            text = os.environ[env].strip()
+            try:
+                values[name] = int(text) if name == "nproc" else text
+            except ValueError:
+                raise ParamsError(f"{env}={text!r}: expected a positive integer") from None
+    return values
+
+
+def _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push) -> list[dict[str, Any]]:
+    logger = get_run_logger()
+    git = tracking.git_info(root)
+    tags = {
+        "prefect_flow_run_id": str(runtime_flow_run.id or ""),
+        "prefect_flow_run_name": runtime_flow_run.name or "",
+        "prefect_deployment": runtime_deployment.name or "",
+        "dvc_exp_name": experiment or "",
+        **git,
+    }
+    if "git_commit" in git:
+        tags["mlflow.source.git.commit"] = git["git_commit"]
+    run_params = {
+        "stages": ",".join(s.name for s in selected),
+        "preset_file": preset or "none",
+        **{k: ("params.yaml" if v is None else v) for k, v in hardware.items()},
+        "pull": pull,
+        "push": push,
+        "override": {k: orch.yaml_value(v) for k, v in changes.items()},
+    }
+    uri = os.environ.get(tracking.ENV_TRACKING_URI) and tracking.tracking_uri()
+    uri = uri or f"sqlite:///{root / tracking.DB_NAME}"
+    results: list[dict[str, Any]] = []
+    failure: Exception | None = None
+    with tracking.pipeline_run(
+        "pipeline", run_params, preset=orch.presets_of(params), run_name=f"pipeline {tags['prefect_flow_run_name']}",
+        tags={k: v for k, v in tags.items() if v}, tracking_uri=uri,
+    ) as run:  # fmt: skip
+        tracking_env = run.child_env()  # stage runs nest under the parent run
+        for stage in selected:
+            task_fn = run_stage.with_options(
+                name=f"stage-{stage.name}",
+                task_run_name=stage.name,
+                retries=RETRIES.get(stage.name, 0),
+                retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
+            )
+            try:
+                results.append(task_fn(stage.name, str(root), tracking_env, pull))
+            except StageFailed as exc:
+                results.append({"stage": stage.name, "state": orch.FAILED, "wall_time_s": exc.wall_time_s})
+                failure = exc
+                break
+        results += [{"stage": s.name, "state": orch.NOT_RUN} for s in selected[len(results):]]
+        if failure is None and experiment:
+            try:
+                save_experiment.with_options(task_run_name="save-experiment")(
+                    str(root), experiment, [s.name for s in selected], push
+                )
+            except Exception as exc:  # reported in the summary, then raised
+                failure = exc
+        _report(root, selected, results, run, experiment, changes, failure)
+        if failure is not None:
+            raise failure
+    logger.info("pipeline completed: %s", ", ".join(f"{r['stage']} {r['state']}" for r in results))
+    return results
+
+
+def _stage_env(tracking_env: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_RUN_ID", None)
+    env.update(tracking_env)
+    env.setdefault("TQDM_DISABLE", "1")  # progress bars make poor log lines
+    env["PYTHONUNBUFFERED"] = "1"  # stream the stage's lines as they come
+    return env
+
+
+def _report(root, selected, results, run, experiment, changes, failure) -> None:
+    """Headline metrics and child MLflow runs into `results`; the summary as a Prefect artifact and as
+    the parent run's `summary.md`; stage wall times as parent metrics."""
+    by_name = {s.name: s for s in selected}
+    children = _child_runs(run)
+    for r in results:
+        if r["state"] in (orch.RAN, orch.SKIPPED, orch.RESTORED, orch.PULLED):
+            r["metrics"] = orch.headline_metrics(root, by_name[r["stage"]])
+        if r["state"] == orch.RAN and r["stage"] in children:
+            r["mlflow_run_id"] = children[r["stage"]]
+    info = {
+        "status": "FAILED" if failure else "COMPLETED",
+        "error": str(failure) if failure else None,
+        "project": str(root),
+        "DVC experiment": experiment,
+        "overrides": " ".join(orch.dvc_set_args(changes)) or None,
+        "MLflow parent run": run.run_id,
+    }
+    markdown = orch.summary_markdown(results, info)
+    create_markdown_artifact(markdown=markdown, key=SUMMARY_KEY, description="Stages, states, times, metrics")
+    with contextlib.suppress(Exception):  # tracking is a nicety here; never mask the run's outcome
+        run.log_text(markdown, "summary.md")
+        run.log_metrics({f"time_s.{r['stage']}": r["wall_time_s"] for r in results if r.get("wall_time_s")})
+        run.set_tags({"skipped_stages": ",".join(r["stage"] for r in results if r["state"] == orch.SKIPPED)})
+
+
+def _child_runs(run: tracking.StageRun) -> dict[str, str]:
+    """{stage: run id} of the stage runs nested under `run` (the latest per stage)."""
+    if not run.enabled:
+        return {}
+    try:
+        found = run._client.search_runs(
+            [run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )  # fmt: skip
+    except Exception:
+        return {}
+    return {r.data.tags.get("dvc_stage", r.info.run_name): r.info.run_id for r in found}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _boot_temporary_server() -> threading.Thread | None:
+    """Start the temporary Prefect server a flow call would start (none when PREFECT_API_URL is set), in a
+    thread, so its boot (4-10 s) overlaps this process's imports and checks instead of following them.
+
+    Prefect's own client then finds the server running (`SubprocessASGIServer` is one per process) and
+    stops it at exit, as it does its own. Join the thread before the first flow call.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def boot() -> None:
+        with contextlib.suppress(Exception):  # a failed boot is retried, and reported, by the flow call
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=boot, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python flows/pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stages", nargs="+", metavar="STAGE", help="run these and what they depend on (default: all)")
+    parser.add_argument("--preset", help="presets/<name>.yaml as overrides, e.g. book")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="every *.device param")
+    parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], help="every *.precision param")
+    parser.add_argument("--nproc", type=int, metavar="N", help="processes per training stage (torchrun)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml value (repeatable), e.g. pretrain.train.lr=3e-4")  # fmt: skip
+    parser.add_argument("--exp-name", help="name of the DVC experiment (default: prefect-<flow run name>)")
+    parser.add_argument("--pull", action="store_true", help="dvc repro --pull: take unchanged outputs from the remote")
+    parser.add_argument("--push", action="store_true", help="save as a DVC experiment and dvc exp push origin")
+    parser.add_argument("--lock-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds to wait for another flow run here (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--project", default=str(PROJECT_DIR), help="the checkout (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.nproc is not None and args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    # SIGTERM (kill, systemd, a worker cancelling): Prefect turns it into an exception that stops the stage
+    # (see run_stage), then re-delivers it to this handler, which exits through atexit, so the temporary
+    # server is stopped too instead of being left behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    server = _boot_temporary_server()  # boots in its own process while this one checks the arguments
+    try:  # bad stages or overrides: exit before any flow run exists
+        overrides = orch.parse_assignments(args.overrides)
+        root = Path(args.project).resolve()
+        orch.select_stages(orch.read_stages(root), args.stages)
+        hardware = _hardware(args.device, args.precision, args.nproc)
+        orch.resolve_overrides(read_params(root / "params.yaml"), _requested(root, args.preset, hardware, overrides))
+    except (ParamsError, orch.PipelineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import mlflow  # noqa: F401  # the flow's first MLflow call would import it; do it while the server boots
+    if server is not None:
+        server.join()
+    try:
+        state = _run_cli_flow(args, overrides, root)
+    except KeyboardInterrupt:
+        print("pipeline interrupted", file=sys.stderr)
+        return 130
+    if not state.is_completed():
+        print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_cli_flow(args, overrides, root):
+    return pipeline(
+        stages=args.stages, preset=args.preset, device=args.device, precision=args.precision, nproc=args.nproc,
+        overrides=overrides, exp_name=args.exp_name, pull=args.pull, push=args.push,
+        lock_timeout=args.lock_timeout, project_dir=str(root), return_state=True,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

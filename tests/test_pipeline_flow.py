@@ -1,0 +1,436 @@
+"""The Prefect flow (flows/pipeline.py) for real: one `prefect server start` on 127.0.0.1 for the module,
+a tiny copy of the pipeline (git + DVC), run through the flow in this process, through a deployment
+that a process worker picks up, and through the command line killed mid-pretrain; DVC's outputs and
+MLflow's runs checked each time. Every process is started and stopped by PID, with bounded timeouts."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+SUMMARY = "pipeline-summary"
+# The stages run here: lora-cls-finetune and what it depends on (every stage of today's pipeline). A stage
+# added to dvc.yaml later joins once TINY below gives it tiny params (its defaults would take minutes).
+TARGET = ["lora-cls-finetune"]
+STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune"]
+TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune"}  # the stages that open MLflow runs
+# The whole pipeline in seconds: 16-token windows, a one-layer 32-wide model trained for 18 steps with a
+# checkpoint every 5 (so a run can be killed between checkpoints), one epoch of last-block classification.
+TINY = {
+    "sample": {"max_length": 16, "stride": 64},
+    "pretrain": {"sample_tokens": 5, "model": {"emb_dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16},
+                 "train": {"epochs": 2, "batch_size": 8, "eval_freq": 5, "eval_iter": 1, "final_eval_iter": 2,
+                           "checkpoint_every": 5}},
+    "load_gpt2": {"sample_tokens": 5},
+    "cls": {"mode": "last-block", "train": {"epochs": 1, "batch_size": 32, "eval_freq": 50, "eval_iter": 1,
+                                            "final_eval_iter": 2, "checkpoint_every": 0}},
+}  # fmt: skip
+
+
+def _deep_update(d: dict, u: dict) -> dict:
+    for k, v in u.items():
+        d[k] = _deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """End a process started with start_new_session=True, and its children: SIGTERM to its group, then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    env: dict[str, str]  # what a Prefect client process needs to talk to it
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Server:
+    """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME, healthy within 120 s."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    url = f"http://127.0.0.1:{port}/api"
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+            assert time.monotonic() < deadline, "Prefect server not healthy in 120 s"
+            time.sleep(0.3)
+        yield Server(url, home, {**env, "PREFECT_API_URL": url})
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def prefect_settings(server: Server):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_HOME: str(server.home)}):
+        yield
+
+
+@contextlib.contextmanager
+def prefect_client(server: Server):
+    from prefect.client.orchestration import get_client
+
+    with prefect_settings(server), get_client(sync_client=True) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def flow_module(prefect_server: Server) -> ModuleType:
+    """flows/pipeline.py, imported once (it imports Prefect, which reads its settings then)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    spec = importlib.util.spec_from_file_location("scratchgpt_flow_pipeline", REPO / "flows" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]  # for commands run in it (the venv's tools, the copy's code, the data mirror)
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True, env: dict | None = None):
+        proc = subprocess.run(args, cwd=self.root, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+        if check:
+            assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror_dir: Path, prefect_server: Server) -> Project:
+    """The pipeline with tiny params as its own git + DVC repository (committed), flows/ and prefect.yaml
+    included. The flow runs in this process too, so its stages inherit os.environ: patched for the module."""
+    root = tmp_path_factory.mktemp("flow") / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "prefect.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("stages", "src", "presets", "flows"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = _deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "presets" / "flowtest.yaml").write_text("cls:\n  train:\n    lr: 0.001\n    nproc: 1\n")
+    settings = {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(root / "src"),  # stages import the copy's code, which DVC hashes
+        "SCRATCHGPT_MIRROR": str(mirror_dir),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }  # fmt: skip
+    unset = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SCRATCHGPT_PROJECT_ROOT", "SCRATCHGPT_MLFLOW_PARENT_RUN_ID",
+             "SCRATCHGPT_MLFLOW_EXPERIMENT", "SCRATCHGPT_TRACKING", "DVC_ROOT", "SCRATCHGPT_DEVICE",
+             "SCRATCHGPT_PRECISION", "SCRATCHGPT_NPROC")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in unset and not k.startswith("PREFECT_")}
+    project = Project(root, {**env, **settings, **prefect_server.env})
+    project.run("git", "init", "-q")
+    project.run("dvc", "init", "-q")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "project")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in unset:
+            mp.delenv(key, raising=False)
+        for key, value in settings.items():
+            mp.setenv(key, value)
+        yield project
+
+
+def run_flow(flow_module: ModuleType, server: Server, project: Project, **params):
+    params.setdefault("stages", TARGET)
+    with prefect_settings(server):
+        return flow_module.pipeline(project_dir=str(project.root), return_state=True, **params)
+
+
+def flow_run_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def summary_of(server: Server, run_id: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with prefect_client(server) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[SUMMARY]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))  # fmt: skip
+    assert len(found) == 1, found
+    return found[0].data
+
+
+def logs_of(server: Server, run_id: str) -> list:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    logs, offset = [], 0
+    with prefect_client(server) as client:
+        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
+                                        offset=offset, sort=LogSort.TIMESTAMP_ASC):  # fmt: skip
+            logs += batch
+            offset += len(batch)
+    return logs
+
+
+def mlflow_runs(project: Project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("scratchgpt")
+    return [] if exp is None else client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def parent_of(project: Project, prefect_run_id: str):
+    (parent,) = [r for r in mlflow_runs(project) if r.data.tags.get("prefect_flow_run_id") == prefect_run_id]
+    children = [r for r in mlflow_runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+def rows(summary: str) -> dict[str, str]:
+    """{stage: state} from the summary's table."""
+    return {m[1]: m[2] for m in re.finditer(r"^\| ([\w-]+) \| ([\w ]+) \|", summary, re.M) if m[1] != "stage"}
+
+
+@pytest.fixture(scope="module")
+def first_run(flow_module, prefect_server: Server, project: Project):
+    """The whole tiny pipeline through the flow, once; the pretrained weights it made, kept aside."""
+    start = time.monotonic()
+    state = run_flow(flow_module, prefect_server, project)
+    took = time.monotonic() - start
+    weights = project.root.parent / "first_run_model.safetensors"
+    if state.is_completed():
+        shutil.copy(project.root / "models" / "pretrain" / "model.safetensors", weights)
+    return state, weights, took
+
+
+# --- the flow in this process -----------------------------------------------------------------------
+
+
+def test_bad_overrides_and_stages_are_refused_before_any_stage_runs(flow_module, prefect_server, project):
+    before = (project.root / "params.yaml").read_bytes()
+    for params, message in [
+        ({"overrides": {"pretrain.train.learning_rate": 1e-3}}, "override pretrain.train.learning_rate: no such key"),
+        ({"overrides": {"pretrain.train.lr": -1.0}}, "pretrain.train: lr must be a positive number"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"preset": "nosuch"}, "no preset 'nosuch'"),
+    ]:
+        state = run_flow(flow_module, prefect_server, project, **params)
+        assert state.is_failed() and message in state.message, state.message
+        with prefect_client(prefect_server) as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+        assert tasks == []  # not one stage ran
+    assert (project.root / "params.yaml").read_bytes() == before
+    assert not (project.root / "dvc.lock").exists() and not (project.root / "data").exists()
+
+    # the command line refuses them before a flow run exists (exit 2, one line)
+    for args, message in [(["--set", "cls.mode=lora", "--set", "cls.moed=full"], "did you mean cls.mode"),
+                          (["--stages", "pretrian"], "unknown stage(s) ['pretrian']")]:  # fmt: skip
+        proc = project.run(sys.executable, "flows/pipeline.py", *args, check=False, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_pipeline_runs_end_to_end_then_a_rerun_skips_every_stage(first_run, flow_module, prefect_server, project):
+    state, _, took = first_run
+    assert state.is_completed(), state.message
+    root = project.root
+    for path in ("models/pretrain/model.safetensors", "models/base/model.safetensors",
+                 "models/spam-classifier/model.safetensors", "metrics/cls.json", "dvc.lock"):  # fmt: skip
+        assert (root / path).is_file(), path
+    stages = [r["stage"] for r in state.result()]
+    assert stages == STAGES
+    assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == set(stages)
+    assert "Data and pipelines are up to date" in project.run("dvc", "status", *TARGET, "--with-deps").stdout
+
+    summary = summary_of(prefect_server, flow_run_id(state))
+    assert rows(summary) == {s: "ran" for s in stages}, summary
+    assert "test_accuracy" in summary and "val_loss" in summary
+
+    parent, children = parent_of(project, flow_run_id(state))
+    head = project.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.tags["git_commit"], parent.data.tags["preset"], parent.data.tags["pipeline"]) == (
+        head, "cpu", "pipeline")  # fmt: skip
+    assert {c.data.tags["dvc_stage"] for c in children} == TRAINING
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.run_id in summary for c in children)  # the summary names each stage's run
+
+    # nothing changed: DVC skips every stage, the summary says so, MLflow gets a parent and no stage run
+    n_runs = len(mlflow_runs(project))
+    start = time.monotonic()
+    again = run_flow(flow_module, prefect_server, project)
+    rerun_took = time.monotonic() - start
+    assert again.is_completed(), again.message
+    assert [r["state"] for r in again.result()] == ["skipped"] * len(stages)
+    assert rows(summary_of(prefect_server, flow_run_id(again))) == {s: "skipped" for s in stages}
+    parent, children = parent_of(project, flow_run_id(again))
+    assert children == [] and len(mlflow_runs(project)) == n_runs + 1
+    assert parent.data.tags["skipped_stages"] == ",".join(stages)
+    print(f"first flow run {took:.1f} s, rerun with every stage skipped {rerun_took:.1f} s")
+
+
+# --- a deployment on a process work pool ------------------------------------------------------------
+
+
+def _flow_run_uuid(output: str) -> str:
+    return re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+
+
+def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefect_server, project, tmp_path):
+    """Deploy `cpu` from prefect.yaml, trigger two runs at once (the second's last stage fails), let one
+    `prefect worker start --run-once` run both; the checkout lock makes them take turns."""
+    assert first_run[0].is_completed()
+    project.run(PREFECT, "work-pool", "create", "cpu", "--type", "process", timeout=120)
+    deployed = project.run(PREFECT, "--no-prompt", "deploy", "--name", "cpu", timeout=120)
+    assert "pipeline/cpu" in deployed.stdout, deployed.stdout[-2000:]
+    # good: a DVC experiment (a preset, and an override that wins over it) that retrains the classifier as two
+    # torchrun processes, with a job variable merged into the deployment's. bad: texts longer than the context.
+    good = _flow_run_uuid(project.run(
+        PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"stages={json.dumps(TARGET)}", "--param",
+        "preset=flowtest", "--param", 'overrides={"cls.train.nproc": 2}',
+        "--job-variable", 'env={"SCRATCHGPT_PRECISION": "fp32"}', timeout=120).stdout)  # fmt: skip
+    bad = _flow_run_uuid(project.run(
+        PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"stages={json.dumps(TARGET)}",
+        "--param", 'overrides={"cls.max_length": 4096}',
+        timeout=120).stdout)  # fmt: skip
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--run-once"], cwd=tmp_path,
+                                  env=project.env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        worker.wait(timeout=480)
+    finally:
+        _stop(worker)
+    worker_log = (tmp_path / "worker.log").read_text()
+
+    with prefect_client(prefect_server) as client:
+        good_run, bad_run = client.read_flow_run(good), client.read_flow_run(bad)
+    assert good_run.state.is_completed(), f"{good_run.state.message}\n{worker_log[-4000:]}"
+    assert bad_run.state.is_failed(), worker_log[-4000:]
+    assert "stage 'lora-cls-finetune' failed" in bad_run.state.message
+    assert "exceeds the base model's context length" in bad_run.state.message
+    bad_rows = rows(summary_of(prefect_server, bad))
+    assert bad_rows["lora-cls-finetune"] == "failed" and bad_rows["download"] == "skipped"
+
+    # one at a time: the runs' spells holding the checkout lock do not overlap; the later one waited
+    spells = {}
+    for run_id in (good, bad):
+        logs = logs_of(prefect_server, run_id)
+        held = [log.timestamp for log in logs if log.message.startswith("holding the checkout lock")]
+        freed = [log.timestamp for log in logs if log.message.startswith("releasing the checkout lock")]
+        assert len(held) == len(freed) == 1, [log.message for log in logs][-20:]
+        spells[run_id] = (held[0], freed[0], any("waiting" in log.message for log in logs))
+    first, second = sorted(spells.values())
+    assert first[1] <= second[0]
+    started = max(good_run.start_time, bad_run.start_time)
+    if started < first[1]:
+        assert second[2], "the run that started while the other held the lock did not say it waited"
+
+    # MLflow: the good run's parent and, nested under it, the one stage run it made: two processes
+    parent, children = parent_of(project, good)
+    assert parent.info.status == "FINISHED" and parent.data.tags["prefect_deployment"] == "cpu"
+    # the deployment's job variables (nproc) and the run's (precision) both reached the flow
+    assert (parent.data.params["nproc"], parent.data.params["precision"]) == ("1", "fp32")
+    assert parent.data.params["preset_file"] == "flowtest"
+    assert [c.data.tags["dvc_stage"] for c in children] == ["lora-cls-finetune"]
+    (cls_run,) = children
+    assert cls_run.info.status == "FINISHED" and cls_run.data.params["cls.train.lr"] == "0.001"
+    assert cls_run.data.params["runtime.world_size"] == "2"
+    assert rows(summary_of(prefect_server, good))["pretrain"] == "skipped"
+    assert parent_of(project, bad)[0].info.status == "FAILED"
+
+    # DVC: the good run is an experiment; params.yaml is as committed again; the outputs are there
+    experiment = parent.data.tags["dvc_exp_name"]
+    shown = project.run("dvc", "exp", "show", "--json").stdout
+    assert experiment in shown
+    assert project.run("git", "status", "--porcelain", "params.yaml").stdout == ""
+    for path in ("models/pretrain/model.safetensors", "models/base/model.safetensors", "metrics/pretrain.json"):
+        assert (project.root / path).is_file(), path
+
+
+# --- killed mid-pretrain, run again -----------------------------------------------------------------
+
+
+def test_a_run_killed_mid_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(first_run, project, tmp_path):
+    """`python flows/pipeline.py`, SIGKILLed (its whole process group: flow, dvc, stage) between two
+    checkpoints of pretrain; the next run resumes there and ends with the first run's weights, bit for bit."""
+    state, reference, _ = first_run
+    assert state.is_completed()
+    project.run("git", "checkout", "-q", "params.yaml")
+    shutil.rmtree(project.root / "models" / "pretrain")  # the next run trains the first run's model again
+    config = project.root / "models" / "pretrain" / "config.json"
+    cmd = [sys.executable, "flows/pipeline.py", "--stages", "pretrain"]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=project.root, env=project.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        step = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                ckpt = json.loads(config.read_text())["checkpoint"]
+                if ckpt["step"] >= 5 and not ckpt["finished"]:
+                    step = ckpt["step"]
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        proc.wait(timeout=30)
+    finally:
+        _stop(proc)
+    assert step is not None, f"no unfinished checkpoint seen\n{(tmp_path / 'killed.log').read_text()[-4000:]}"
+
+    proc = project.run(*cmd, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert re.search(r"resuming from models/pretrain: step \d+ of 18", out), out[-4000:]
+    assert (project.root / "models" / "pretrain" / "model.safetensors").read_bytes() == reference.read_bytes()
