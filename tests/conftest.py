@@ -21,6 +21,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The venv's tools (dvc, prefect, mlflow, torchrun) for every subprocess, also when pytest runs as
+# `.venv/bin/python -m pytest` without an activated environment (as CI does).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # The checksummed copies of the real downloads; CI sets this to ../shared/mirror.
 MIRROR_SET = bool(os.environ.get("SCRATCHGPT_MIRROR"))
 os.environ.setdefault("SCRATCHGPT_MIRROR", str(REPO_ROOT.parent / "shared" / "mirror"))
