@@ -119,7 +119,8 @@ LAUNCHED = textwrap.dedent(
     from scratchgpt import distributed
     logging.basicConfig(level=logging.INFO)
     distributed.launch(int(sys.argv[1]))
-    print("rank", os.environ.get("RANK", "-"), "of", os.environ.get("WORLD_SIZE", "-"), sys.argv[1:], flush=True)
+    line = f"rank {os.environ.get('RANK', '-')} of {os.environ.get('WORLD_SIZE', '-')} {sys.argv[1:]}\\n"
+    os.write(1, line.encode())  # one write: the two ranks' lines never interleave on the shared pipe
     """
 )
 
