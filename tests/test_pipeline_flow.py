@@ -23,6 +23,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from helpers import write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -31,29 +32,10 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 SUMMARY = "pipeline-summary"
 # The stages run here: lora-cls-finetune and what it depends on (every stage of today's pipeline). A stage
-# added to dvc.yaml later joins once TINY below gives it tiny params (its defaults would take minutes).
+# added to dvc.yaml later joins once helpers.TINY_PIPELINE gives it tiny params (its defaults would take minutes).
 TARGET = ["lora-cls-finetune"]
 STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune"]
 TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune"}  # the stages that open MLflow runs
-# The whole pipeline in seconds: 16-token windows, a one-layer 32-wide model trained for 18 steps with a
-# checkpoint every 5 (so a run can be killed between checkpoints), one epoch of last-block classification.
-TINY = {
-    "sample": {"max_length": 16, "stride": 64},
-    "pretrain": {"sample_tokens": 5, "model": {"emb_dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16},
-                 "train": {"epochs": 2, "batch_size": 8, "eval_freq": 5, "eval_iter": 1, "final_eval_iter": 2,
-                           "checkpoint_every": 5}},
-    "load_gpt2": {"sample_tokens": 5},
-    "cls": {"mode": "last-block", "train": {"epochs": 1, "batch_size": 32, "eval_freq": 50, "eval_iter": 1,
-                                            "final_eval_iter": 2, "checkpoint_every": 0}},
-}  # fmt: skip
-
-
-def _deep_update(d: dict, u: dict) -> dict:
-    for k, v in u.items():
-        d[k] = _deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
-    return d
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,8 +143,7 @@ def project(tmp_path_factory, mirror_dir: Path, prefect_server: Server) -> Proje
         shutil.copy(REPO / name, root / name)
     for name in ("stages", "src", "presets", "flows"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = _deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_tiny_params(root)
     (root / "presets" / "flowtest.yaml").write_text("cls:\n  train:\n    lr: 0.001\n    nproc: 1\n")
     settings = {
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
