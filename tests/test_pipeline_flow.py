@@ -36,6 +36,8 @@ SUMMARY = "pipeline-summary"
 TARGET = ["lora-cls-finetune"]
 STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune"]
 TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune"}  # the stages that open MLflow runs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
