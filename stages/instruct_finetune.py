@@ -11,7 +11,8 @@ Checkpoints go to models/instruct-ckpt/ (a persistent DVC output): with `instruc
 killed run continues from its last one; one made with other params, base, data or code is not reused.
 Talk to the model with `python -m scratchgpt.chat --model models/instruct`.
 
-Distributed: `torchrun --standalone --nproc_per_node N stages/instruct_finetune.py`.
+Distributed: `instruct.train.nproc: N` (the script relaunches itself under `torchrun --standalone
+--nproc_per_node N`), or `torchrun --standalone --nproc_per_node N stages/instruct_finetune.py` by hand.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_stage_logging()
     errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
               CheckpointMismatchError, ValueError)  # fmt: skip
-    run = lambda: run_instruct_finetune(load_section(InstructParams, "instruct", args.params))  # noqa: E731
+
+    def run() -> dict[str, float] | None:
+        params = load_section(InstructParams, "instruct", args.params)
+        distributed.launch(params.train.nproc)  # instruct.train.nproc > 1: rerun this script under torchrun
+        return run_instruct_finetune(params)
+
     metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:
         log.info(

@@ -183,3 +183,23 @@ def test_book_preset_is_chapter_7():
     t = p.train
     assert (t.epochs, t.batch_size, t.lr, t.weight_decay, t.seed) == (2, 8, 5e-5, 0.1, 123)
     assert (t.eval_freq, t.eval_iter, t.lr_schedule, t.grad_clip) == (5, 5, "constant", 0.0)
+
+
+@pytest.mark.slow
+def test_nproc_2_trains_under_torchrun_and_rank_0_answers(workdir: Path, tmp_path: Path):
+    """`instruct.train.nproc: 2`: the stage relaunches itself as two gloo processes; rank 0 alone writes
+    the model, the responses, the metrics and the one MLflow run, which records the world size."""
+    set_instruct(workdir, {"train": {"nproc": 2, "batch_size": 2}})  # a global batch of 4, as TINY's
+    env = dict(os.environ, PYTHONPATH=str(workdir / "src"), TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "stages/instruct_finetune.py"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((workdir / "metrics" / "instruct.json").read_text())
+    assert metrics["steps"] == 24 // 4 and metrics["test_responses"] == 6
+    assert len(json.loads((workdir / "data" / "responses" / "instruct_test.json").read_text())) == 6
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
+    assert run.data.params["runtime.world_size"] == "2" and run.data.params["runtime.effective_batch_size"] == "4"

@@ -31,7 +31,7 @@ from scratchgpt.classify import (
     real_tokens,
     save_classifier,
 )
-from scratchgpt.datasets import SPAM_LABELS, DatasetError
+from scratchgpt.datasets import SPAM_LABELS
 from scratchgpt.losses import POOLS, classification_accuracy, classification_loss
 from scratchgpt.model import GPTModel
 from scratchgpt.params import ParamsError, check_choice, check_int, check_ratio, check_str
@@ -105,13 +105,7 @@ def load_splits(params: ClsParams, paths: ClsPaths, context_length: int) -> dict
             f"cls.max_length ({params.max_length}) exceeds the base model's context length ({context_length})"
         )
     max_length = params.max_length or context_length
-    files = {split: paths.data_dir / f"{split}.parquet" for split in ("train", "val", "test")}
-    stage.require_files(files.values(), "sample-to-parquet")
-    splits = {split: ClassificationDataset(path, max_length, LABELS) for split, path in files.items()}
-    for split, ds in splits.items():
-        if len(ds) == 0:
-            raise DatasetError(f"{ds.path}: the {split} split is empty")
-    return splits
+    return stage.load_splits(paths.data_dir, lambda path: ClassificationDataset(path, max_length, LABELS))
 
 
 def build_model(params: ClsParams, base_dir: Path) -> GPTModel:
@@ -134,13 +128,8 @@ def run_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[st
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
     base_cfg = checkpoint.load_config(paths.base_dir)["model"]
     splits = load_splits(params, paths, base_cfg["context_length"])
-    code = stage.code_digest(STAGE)
-    fingerprint = {
-        "cls": {k: v for k, v in dataclasses.asdict(params).items() if k not in ("train", "preset")},
-        "base": stage.data_digest({"weights": paths.base_dir / checkpoint.WEIGHTS_FILE}),
-        "data": stage.data_digest({s: ds.path for s, ds in splits.items()}),
-        "code": code,
-    }
+    data = {split: ds.path for split, ds in splits.items()}
+    fingerprint = stage.finetune_fingerprint(STAGE, "cls", params, paths.base_dir, data)
     info, device = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
     model = build_model(params, paths.base_dir)

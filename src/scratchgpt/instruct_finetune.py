@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scratchgpt import checkpoint, distributed, fileio, lora, stage, tracking
-from scratchgpt.datasets import DatasetError
 from scratchgpt.generate import generate_batch
 from scratchgpt.instruct import END_OF_TEXT, InstructionDataset, extract_response, instruction_collate
 from scratchgpt.losses import lm_loss
@@ -89,16 +88,6 @@ class InstructPaths:
     plot_png: Path = Path("plots/instruct_loss.png")
 
 
-def load_splits(paths: InstructPaths) -> dict[str, InstructionDataset]:
-    files = {split: paths.data_dir / f"{split}.parquet" for split in ("train", "val", "test")}
-    stage.require_files(files.values(), "sample-to-parquet")
-    splits = {split: InstructionDataset(path) for split, path in files.items()}
-    for split, ds in splits.items():
-        if len(ds) == 0:
-            raise DatasetError(f"{ds.path}: the {split} split is empty")
-    return splits
-
-
 def build_model(params: InstructParams, base_dir: Path) -> GPTModel:
     """The base, dropout set for fine-tuning, with LoRA adapters for method lora."""
     model = checkpoint.load_model(base_dir, config_overrides={"drop_rate": params.drop_rate})
@@ -112,18 +101,14 @@ def run_instruct_finetune(
 ) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
-    splits = load_splits(paths)
+    splits = stage.load_splits(paths.data_dir, InstructionDataset)
     context = checkpoint.load_config(paths.base_dir)["model"]["context_length"]
     if params.max_new_tokens >= context:
         raise ValueError(f"instruct.max_new_tokens ({params.max_new_tokens}) must be below the base's context "
                          f"length ({context})")  # fmt: skip
     tokenizer = gpt2_tokenizer(paths.vocab_dir)
-    fingerprint = {
-        "instruct": {k: v for k, v in dataclasses.asdict(params).items() if k not in ("train", "preset")},
-        "base": stage.data_digest({"weights": paths.base_dir / checkpoint.WEIGHTS_FILE}),
-        "data": stage.data_digest({s: ds.path for s, ds in splits.items()}),
-        "code": stage.code_digest(STAGE),
-    }
+    data = {split: ds.path for split, ds in splits.items()}
+    fingerprint = stage.finetune_fingerprint(STAGE, "instruct", params, paths.base_dir, data)
     info, _ = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
     model = build_model(params, paths.base_dir)

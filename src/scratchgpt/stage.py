@@ -9,13 +9,15 @@ its script imports, directly or through each other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scratchgpt import fileio, plots
+from scratchgpt import checkpoint, fileio, plots
+from scratchgpt.datasets import DatasetError
 from scratchgpt.params import parse_yaml
 from scratchgpt.training import CONFIG_FILE, Trainer, TrainResult
 
@@ -75,6 +77,33 @@ def require_files(paths: Iterable[str | os.PathLike[str]], producer: str) -> Non
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run the {producer} stage first")
+
+
+SPLITS = ("train", "val", "test")
+
+
+def load_splits(data_dir: Path, open_split: Callable[[Path], Any]) -> dict[str, Any]:
+    """train/val/test opened from `data_dir/<split>.parquet` (written by sample-to-parquet) with
+    `open_split`; a missing file or an empty split is refused before any training."""
+    files = {split: data_dir / f"{split}.parquet" for split in SPLITS}
+    require_files(files.values(), "sample-to-parquet")
+    splits = {split: open_split(path) for split, path in files.items()}
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise DatasetError(f"{files[split]}: the {split} split is empty")
+    return splits
+
+
+def finetune_fingerprint(stage: str, section: str, params: Any, base_dir: Path, data: Mapping[str, Path]) -> dict:
+    """What a fine-tuning checkpoint must have been made from to be resumed or reused: the stage's
+    params (not how it trains: `train` and `preset`), the base's weights, the data files and the code."""
+    hyper = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("train", "preset")}
+    return {
+        section: hyper,
+        "base": data_digest({"weights": base_dir / checkpoint.WEIGHTS_FILE}),
+        "data": data_digest(data),
+        "code": code_digest(stage),
+    }
 
 
 def time_metrics(result: TrainResult) -> dict[str, float]:
