@@ -31,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 SUMMARY = "pipeline-summary"
-# The stages run here: lora-cls-finetune and what it depends on (every stage of today's pipeline). A stage
-# added to dvc.yaml later joins once helpers.TINY_PIPELINE gives it tiny params (its defaults would take minutes).
-TARGET = ["lora-cls-finetune"]
-STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune"]
-TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune"}  # the stages that open MLflow runs
+# The stages run here: evaluate and what it depends on (every stage of the pipeline). A stage added to
+# dvc.yaml later joins once helpers.TINY_PIPELINE gives it tiny params (its defaults would take minutes).
+TARGET = ["evaluate"]
+STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune",
+          "instruct-finetune", "evaluate"]  # fmt: skip
+TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune", "instruct-finetune", "evaluate"}  # open MLflow runs
 
 
 def _free_port() -> int:
@@ -269,7 +270,8 @@ def test_the_pipeline_runs_end_to_end_then_a_rerun_skips_every_stage(first_run, 
     assert state.is_completed(), state.message
     root = project.root
     for path in ("models/pretrain/model.safetensors", "models/base/model.safetensors",
-                 "models/spam-classifier/model.safetensors", "metrics/cls.json", "dvc.lock"):  # fmt: skip
+                 "models/spam-classifier/model.safetensors", "metrics/cls.json", "models/instruct/model.safetensors",
+                 "reports/eval.md", "metrics/eval.json", "dvc.lock"):  # fmt: skip
         assert (root / path).is_file(), path
     stages = [r["stage"] for r in state.result()]
     assert stages == STAGES
@@ -366,8 +368,10 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     # the deployment's job variables (nproc) and the run's (precision) both reached the flow
     assert (parent.data.params["nproc"], parent.data.params["precision"]) == ("1", "fp32")
     assert parent.data.params["preset_file"] == "flowtest"
-    assert [c.data.tags["dvc_stage"] for c in children] == ["lora-cls-finetune"]
-    (cls_run,) = children
+    # the classifier retrained; evaluate reran as it reports the classifier's metrics; instruct-finetune did not
+    runs = {c.data.tags["dvc_stage"]: c for c in children}
+    assert sorted(runs) == ["evaluate", "lora-cls-finetune"], sorted(runs)
+    cls_run = runs["lora-cls-finetune"]
     assert cls_run.info.status == "FINISHED" and cls_run.data.params["cls.train.lr"] == "0.001"
     assert cls_run.data.params["runtime.world_size"] == "2"
     assert rows(summary_of(prefect_server, good))["pretrain"] == "skipped"
