@@ -1,7 +1,9 @@
 """DVC stage `download`: fetch the source files into data/raw/, each verified by sha256.
 
 Reads the `download` section of params.yaml. With SCRATCHGPT_MIRROR=DIR set, files come from
-DIR/<basename of their URL> instead of the network (same checksums). Writes metrics/download.json.
+DIR/<basename of their URL> instead of the network (same checksums). Writes data/raw-manifest.json
+(per file: source name, bytes, sha256, origin url|mirror|existing, the archive's hash) and
+metrics/download.json (numbers only: files, bytes, files per origin).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from scratchgpt.download import (
     DownloadError,
     DownloadParams,
     download_all,
+    manifest,
     metrics,
     mirror_from_env,
 )
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--metrics", default="metrics/download.json", help="metrics JSON to write (default: %(default)s)"
     )
+    parser.add_argument(
+        "--manifest", default="data/raw-manifest.json", help="names and hashes of the files (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     cli.setup_logging()
 
@@ -45,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ParamsError, DownloadError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from exc
+    write_json(args.manifest, manifest(records))
     write_json(args.metrics, metrics(records))
-    log.info("wrote %s: %d files, %d bytes", args.metrics, len(records), sum(r.bytes for r in records))
+    log.info("wrote %s and %s: %d files, %d bytes", args.manifest, args.metrics, len(records),
+             sum(r.bytes for r in records))  # fmt: skip
 
 
 if __name__ == "__main__":

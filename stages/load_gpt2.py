@@ -7,7 +7,7 @@ revision, verified by sha256; with SCRATCHGPT_MIRROR=DIR they come from DIR/<siz
 http(s) URL with `load_gpt2.sha256`, or a local Hugging Face / book / scratchgpt checkpoint.
 
 Writes models/base/ (model.safetensors + config.json recording the source, revision and hash) and
-metrics/load_gpt2.json (source, parameters, val loss and perplexity on the pretraining val windows), and
+metrics/load_gpt2.json (parameters, val loss and perplexity on the pretraining val windows), and
 logs one MLflow run with the base's greedy continuation of the start context.
 """
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics = cli.run_stage(run, (ParamsError, DownloadError, CheckpointError, StageError, FileNotFoundError), log)
     log.info(
-        "base %s: %d parameters, val loss %.3f (perplexity %.1f)",
-        metrics["source"], metrics["parameters"], metrics["val_loss"], metrics["val_perplexity"],
+        "base: %d parameters, val loss %.3f (perplexity %.1f)",
+        metrics["parameters"], metrics["val_loss"], metrics["val_perplexity"],
     )  # fmt: skip
 
 

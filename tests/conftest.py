@@ -6,9 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port, stop_group, wait_healthy, write_tiny_params
 
 from scratchgpt.sources import SOURCES
 
@@ -77,12 +80,10 @@ class DvcProject:
         return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
-@pytest.fixture
-def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
-    """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/) copied into a fresh, committed git + DVC
-    repository, with the data mirror, an MLflow store in tmp_path and the venv's tools on PATH."""
-    repo = tmp_path / "project"
-    repo.mkdir()
+def make_dvc_project(repo: Path, mirror_dir: Path, mlflow_uri: str) -> DvcProject:
+    """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/) copied into `repo` as a fresh, committed
+    git + DVC repository, with the data mirror, MLflow at `mlflow_uri` and the venv's tools on PATH."""
+    repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO_ROOT / name, repo / name)
     for name in ("stages", "src", "presets"):
@@ -92,7 +93,7 @@ def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
         os.environ,
         SCRATCHGPT_MIRROR=str(mirror_dir),
         DVC_NO_ANALYTICS="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        MLFLOW_TRACKING_URI=mlflow_uri,
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test",
@@ -106,4 +107,54 @@ def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
     project.run("dvc", "init", "-q")
     project.run("git", "add", "-A")
     project.run("git", "commit", "-q", "-m", "project")
+    return project
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
+    """`make_dvc_project` in tmp_path/project, with an MLflow store in tmp_path."""
+    return make_dvc_project(tmp_path / "project", mirror_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running `mlflow server`: its URL, its SQLite backend store and its artifact destination."""
+
+    url: str
+    db: Path
+    artifacts: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` on 127.0.0.1 with a SQLite database and a local artifact destination (served over
+    HTTP: `--serve-artifacts` is the default), healthy within 120 s, stopped by process group."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    server = MlflowServer(f"http://127.0.0.1:{port}", root / "mlflow.db", root / "artifacts")
+    cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
+           f"sqlite:///{server.db}", "--artifacts-destination", str(server.artifacts)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(proc, f"{server.url}/health", root / "server.log", timeout=120)
+        yield server
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(
+    tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path, mlflow_server: MlflowServer
+) -> DvcProject:
+    """The whole pipeline with `helpers.TINY_PIPELINE` params, run once by `dvc repro` in a `make_dvc_project`
+    copy tracking to `mlflow_server` over HTTP; then everything git tracks (dvc.lock, params.yaml, metrics,
+    plots, reports, DVC's .gitignore files) is committed. Tests may add commits and DVC config, not rerun stages."""
+    project = make_dvc_project(tmp_path_factory.mktemp("tiny_pipeline") / "project", mirror_dir, mlflow_server.url)
+    write_tiny_params(project.path)
+    project.run("dvc", "repro", timeout=900)
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "tiny pipeline reproduced")
     return project

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 
@@ -50,3 +57,35 @@ def write_tiny_params(project: Path, extra: dict | None = None) -> None:
     path = project / "params.yaml"
     params = deep_update(deep_update(yaml.safe_load(path.read_text()), TINY_PIPELINE), extra or {})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """End a process started with start_new_session=True, and its children: SIGTERM to its group, then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the end of `log` if `proc` exits or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        assert time.monotonic() < deadline, f"{url} not healthy in {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,7 @@ CHILD = textwrap.dedent(
         def on_train_start(self, trainer):
             print("CALLBACKS ON RANK", trainer.dist.rank, flush=True)
 
-    out, result_dir, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out, result_dir, batch_size = sys.argv[1].format(rank=os.environ["RANK"]), sys.argv[2], int(sys.argv[3])
     seed_everything(1)
     model = GPTModel(GPTConfig(**{MODEL!r}))
     trainer = Trainer(model, lm_loss, windows(48, 0), windows(10, 1),
@@ -111,6 +112,13 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path:
     saved = read_safetensors(out / WEIGHTS_FILE)
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-5)
+
+    # as on two nodes without shared storage: rank 0 sees that checkpoint, rank 1 an empty directory
+    shutil.copytree(out, tmp_path / "node0")
+    proc = subprocess.run([*cmd, str(script), str(tmp_path / "node{rank}"), str(results), "2"], capture_output=True,
+                          text=True, timeout=240, env=env)  # fmt: skip
+    assert proc.returncode != 0
+    assert "would start from different steps (by rank: [12, 0])" in proc.stderr, proc.stderr[-4000:]
 
 
 LAUNCHED = textwrap.dedent(

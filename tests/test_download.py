@@ -26,6 +26,7 @@ from scratchgpt.download import (
     copy_capped,
     download_all,
     download_source,
+    manifest,
     metrics,
     mirror_from_env,
 )
@@ -327,9 +328,13 @@ def test_mirror_all_sources_verify(params: DownloadParams, mirror: Path) -> None
     assert len(sms) == 5574
     m = metrics(records)
     assert m["n_files"] == 5 and m["total_bytes"] == sum(p.stat().st_size for p in out.iterdir())
-    assert m["files"]["SMSSpamCollection"]["archive"]["file"] == "sms+spam+collection.zip"
+    assert m["origin"] == {"url": 0, "mirror": 5, "existing": 0}
+    files = manifest(records)["files"]
+    assert files["SMSSpamCollection"]["archive"]["file"] == "sms+spam+collection.zip"
+    assert files["vocab.bpe"]["sha256"] == SOURCES["gpt2-vocab-bpe"].output_sha256
     # a second run finds everything in place
-    assert {r.source for r in download_all(params, mirror=mirror)} == {"existing"}
+    again = download_all(params, mirror=mirror)
+    assert {r.source for r in again} == {"existing"} and metrics(again)["origin"]["existing"] == 5
 
 
 def test_mirror_missing_file_and_bad_copy(params: DownloadParams, mirror: Path, tmp_path: Path) -> None:
@@ -409,11 +414,14 @@ def test_stage_script_with_mirror(tmp_path: Path, mirror: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "data" / "raw").iterdir()} == OUTPUTS
     assert not (tmp_path / "data" / "raw.partial").exists()
-    m = json.loads((tmp_path / "metrics" / "download.json").read_text())
-    assert set(m["files"]) == OUTPUTS and m["n_files"] == 5
-    assert {f["source"] for f in m["files"].values()} == {"mirror"}
-    for f in m["files"].values():
+    files = json.loads((tmp_path / "data" / "raw-manifest.json").read_text())["files"]
+    assert set(files) == OUTPUTS and {f["source"] for f in files.values()} == {"mirror"}
+    for f in files.values():
         assert f["sha256"] == SOURCES[f["name"]].output_sha256
+    assert files["SMSSpamCollection"]["archive"]["file"] == "sms+spam+collection.zip"
+    metrics = json.loads((tmp_path / "metrics" / "download.json").read_text())
+    total = sum((tmp_path / "data" / "raw" / name).stat().st_size for name in OUTPUTS)
+    assert metrics == {"n_files": 5, "total_bytes": total, "origin": {"url": 0, "mirror": 5, "existing": 0}}
     assert "from mirror" in proc.stderr
 
     # an empty mirror: a clear error naming the expected path, exit 1, no traceback, no new metrics
@@ -425,6 +433,7 @@ def test_stage_script_with_mirror(tmp_path: Path, mirror: Path) -> None:
     assert "empty/the-verdict.txt not found in the mirror" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics").exists() or not any((tmp_path / "metrics").iterdir())
+    assert not (tmp_path / "data" / "raw-manifest.json").exists()
 
 
 @pytest.mark.slow

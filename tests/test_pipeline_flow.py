@@ -12,18 +12,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import yaml
-from helpers import write_tiny_params
+from helpers import free_port, stop_group, wait_healthy, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +35,6 @@ TARGET = ["evaluate"]
 STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune",
           "instruct-finetune", "evaluate"]  # fmt: skip
 TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune", "instruct-finetune", "evaluate"}  # open MLflow runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """End a process started with start_new_session=True, and its children: SIGTERM to its group, then SIGKILL."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -72,7 +51,7 @@ class Server:
 def prefect_server(tmp_path_factory) -> Server:
     """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME, healthy within 120 s."""
     home = tmp_path_factory.mktemp("prefect_home")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     url = f"http://127.0.0.1:{port}/api"
@@ -80,17 +59,10 @@ def prefect_server(tmp_path_factory) -> Server:
         proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            assert time.monotonic() < deadline, "Prefect server not healthy in 120 s"
-            time.sleep(0.3)
+        wait_healthy(proc, f"{url}/health", home / "server.log", timeout=120)
         yield Server(url, home, {**env, "PREFECT_API_URL": url})
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @contextlib.contextmanager
@@ -336,7 +308,7 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     try:
         worker.wait(timeout=480)
     finally:
-        _stop(worker)
+        stop_group(worker)
     worker_log = (tmp_path / "worker.log").read_text()
 
     with prefect_client(prefect_server) as client:
@@ -414,7 +386,7 @@ def test_a_run_killed_mid_pretrain_resumes_to_the_weights_of_an_uninterrupted_ru
             time.sleep(0.02)
         proc.wait(timeout=30)
     finally:
-        _stop(proc)
+        stop_group(proc)
     assert step is not None, f"no unfinished checkpoint seen\n{(tmp_path / 'killed.log').read_text()[-4000:]}"
 
     proc = project.run(*cmd, timeout=300)

@@ -44,6 +44,8 @@ MIRROR_ENV = "SCRATCHGPT_MIRROR"
 # Statuses worth another try: the request may succeed later. Everything else >= 400 is final.
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "scratchgpt-downloader/0.1"
+# Where a file came from (`FileRecord.source`).
+ORIGINS = ("url", "mirror", "existing")
 
 
 class DownloadError(RuntimeError):
@@ -118,7 +120,7 @@ class DownloadParams:
 
 @dataclass
 class FileRecord:
-    """What the stage produced for one source (one entry of metrics/download.json)."""
+    """What the stage produced for one source (one entry of the download manifest)."""
 
     name: str
     filename: str
@@ -446,12 +448,22 @@ def download_all(params: DownloadParams, *, mirror: Path | None = None) -> list[
     return records
 
 
-def metrics(records: list[FileRecord]) -> dict[str, Any]:
-    """The content of metrics/download.json."""
+def manifest(records: list[FileRecord]) -> dict[str, Any]:
+    """The download stage's manifest: per file its source name, bytes, sha256 and origin (and archive)."""
     files = {}
     for r in records:
         entry: dict[str, Any] = {"name": r.name, "bytes": r.bytes, "sha256": r.sha256, "source": r.source}
         if r.archive is not None:
             entry["archive"] = r.archive
         files[r.filename] = entry
-    return {"files": files, "n_files": len(records), "total_bytes": sum(r.bytes for r in records)}
+    return {"files": files}
+
+
+def metrics(records: list[FileRecord]) -> dict[str, Any]:
+    """The content of metrics/download.json: numbers only (`dvc metrics show`), names and hashes are in
+    the manifest. `origin` counts the files by where they came from (url, mirror, existing)."""
+    return {
+        "n_files": len(records),
+        "total_bytes": sum(r.bytes for r in records),
+        "origin": {origin: sum(r.source == origin for r in records) for origin in ORIGINS},
+    }

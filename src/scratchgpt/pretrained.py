@@ -273,15 +273,14 @@ def run_load_gpt2(
         with torch.no_grad():
             text = sample(model, device)
         log.info("greedy continuation: %r", text)
-        metrics = {
-            "source": source.get("name", source["kind"]),
+        metrics = {  # numbers only; where the base came from is in models/base/config.json and the run's tags
             "parameters": model.num_parameters(),
             "val_loss": loss,
             "val_perplexity": math.exp(min(loss, 700.0)),
             "val_windows": min(len(val), (params.eval_batches or len(val)) * params.batch_size),
         }
         run.set_tags({f"source.{k}": v for k, v in source.items()})
-        run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})
+        run.log_metrics(metrics)
         run.log_text(text, "samples/start_context.txt")
         fileio.write_json(paths.metrics, metrics)
         run.log_artifact(paths.out_dir / checkpoint.CONFIG_FILE)

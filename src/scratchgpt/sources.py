@@ -7,7 +7,7 @@ own hash. The mirror (`SCRATCHGPT_MIRROR=DIR`) holds each file as `DIR/<basename
 The SMS Spam Collection is pinned by its extracted member only: the zip served by UCI and the
 re-packed zip in the offline mirror hold the same `SMSSpamCollection` bytes but differ as archives,
 so `sha256` is None for the archive itself (the download stage records the archive hash it actually
-saw in `metrics/download.json`).
+saw in the download manifest, `data/raw-manifest.json`).
 """
 
 from __future__ import annotations

@@ -548,6 +548,7 @@ class Trainer:
         start = time.perf_counter()
         if not self._maybe_resume():
             seed_everything(self.cfg.seed + self.dist.rank)
+        self._check_same_start()
         self.model.train()
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -711,6 +712,17 @@ class Trainer:
                 found,
             )
         return True
+
+    def _check_same_start(self) -> None:
+        """Fail unless every process starts from the same step. Each reads the checkpoint from its own node's
+        disk: a node that cannot see it would train from scratch beside the others, and the job would hang."""
+        steps = distributed.all_gather_objects(self.step, self.dist)
+        if len(set(steps)) > 1:
+            raise RuntimeError(
+                f"the processes would start from different steps (by rank: {steps}): some see a checkpoint in "
+                f"{self.out_dir} that others do not. Under multi-node torchrun, put the stage's output directory on "
+                "storage every node shares, or train from scratch with `resume: never`"
+            )
 
     def _fingerprint_changes(self, state: Mapping[str, Any]) -> str:
         """What differs between a checkpoint's fingerprint and this run's, as `key: old -> new` lines."""
