@@ -21,9 +21,8 @@ from typing import TextIO
 import torch
 
 from scratchgpt import checkpoint, cli, distributed
-from scratchgpt.datasets import format_prompt
 from scratchgpt.generate import generate_stream
-from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER, extract_response
+from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER, encode_prompt, extract_response
 from scratchgpt.model import GPTModel
 from scratchgpt.tokenizer import gpt2_tokenizer
 
@@ -34,8 +33,7 @@ def stream_response(
 ) -> Iterator[str]:  # fmt: skip
     """Yield the response piece by piece; the pieces join to what the instruct-finetune stage writes for the
     same record (`extract_response` of the text generated after the Alpaca prompt)."""
-    prompt = format_prompt({"instruction": instruction, "input": input_text})
-    ids = tokenizer.encode_ordinary(prompt)[-(model.cfg.context_length - 1) :]
+    ids = encode_prompt(tokenizer, instruction, input_text)[-(model.cfg.context_length - 1) :]
     idx = torch.tensor([ids], device=model.tok_emb.weight.device)
     budget = min(max_new_tokens, model.cfg.context_length - len(ids))
     tokens: list[int] = []

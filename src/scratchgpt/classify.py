@@ -158,9 +158,15 @@ def classify_texts(directory: str | os.PathLike[str], texts: Sequence[str], *, b
     """`(label, probability)` for each text, with the classifier in `directory`."""
     dev = distributed.resolve_device(device)
     model, info = load_classifier(directory, dev)
-    enc = gpt2_tokenizer(directory)
-    ids = [torch.tensor(enc.encode_ordinary(text) or [PAD_ID], dtype=torch.long) for text in texts]
-    probs = predict_proba(model, ids, info, batch_size=batch_size, device=dev)
+    return label_texts(model, info, gpt2_tokenizer(directory), texts, batch_size=batch_size, device=dev)
+
+
+def label_texts(model: nn.Module, info: ClassifierInfo, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+                device: torch.device | str = "cpu") -> list[tuple[str, float]]:
+    """`(label, probability)` for each text, with a loaded classifier and its tokenizer (an empty text reads
+    as one padding token)."""
+    ids = [torch.tensor(tokenizer.encode_ordinary(text) or [PAD_ID], dtype=torch.long) for text in texts]
+    probs = predict_proba(model, ids, info, batch_size=batch_size, device=device)
     best = probs.argmax(-1)
     return [(info.labels[int(k)], float(probs[i, k])) for i, k in enumerate(best)]
 

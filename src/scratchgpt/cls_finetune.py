@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from scratchgpt import checkpoint, distributed, lora, plots, stage, tracking
+from scratchgpt import checkpoint, distributed, lora, plots, serving, stage, tracking
 from scratchgpt.classify import (
     ClassificationDataset,
     ClassifierInfo,
@@ -173,6 +173,7 @@ def run_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[st
                      paths.plot_loss_csv, paths.plot_accuracy_csv]  # fmt: skip
         stage.finish_run(run, trainer, result, metrics, paths.metrics, artifacts)
         run.log_artifact(paths.out_dir / checkpoint.CONFIG_FILE, "classifier")
+        serving.log_classifier(run, paths.out_dir, metrics, {"mode": params.mode, "preset": params.preset})
     return metrics
 
 

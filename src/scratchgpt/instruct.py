@@ -10,8 +10,9 @@ the response is learned (the book's exercise 7.2).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from scratchgpt.datasets import DatasetError
+from scratchgpt.datasets import DatasetError, format_prompt
+from scratchgpt.generate import generate_batch
+from scratchgpt.model import GPTModel
+
+log = logging.getLogger(__name__)
 
 END_OF_TEXT = 50256
 IGNORE_INDEX = -100
@@ -85,3 +90,21 @@ def instruction_collate(
 def extract_response(generated: str) -> str:
     """The model's response from the text it generated after the prompt (the book's clean-up)."""
     return generated.replace(RESPONSE_HEADER, "").strip()
+
+
+def encode_prompt(tokenizer, instruction: str, input_text: str = "") -> list[int]:
+    """Token ids of the Alpaca prompt the model was fine-tuned on, for an instruction and its optional input."""
+    return tokenizer.encode_ordinary(format_prompt({"instruction": instruction, "input": input_text}))
+
+
+def answer_prompts(model: GPTModel, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   batch_size: int = 16, temperature: float = 0.0, generator=None) -> list[str]:  # fmt: skip
+    """The response to each tokenized prompt: batched, KV-cached generation up to end-of-text
+    (`generate_batch`), `batch_size` prompts at a time, decoded and cleaned by `extract_response`."""
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = generate_batch(model, prompts[start : start + batch_size], max_new_tokens, eos_id=END_OF_TEXT,
+                                pad_id=END_OF_TEXT, temperature=temperature, generator=generator)  # fmt: skip
+        out += [extract_response(tokenizer.decode(t)) for t in tokens]
+        log.info("responses: %d of %d", len(out), len(prompts))
+    return out

@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scratchgpt import checkpoint, distributed, fileio, lora, stage, tracking
-from scratchgpt.generate import generate_batch
-from scratchgpt.instruct import END_OF_TEXT, InstructionDataset, extract_response, instruction_collate
+from scratchgpt import checkpoint, distributed, fileio, lora, serving, stage, tracking
+from scratchgpt.instruct import InstructionDataset, answer_prompts, instruction_collate
 from scratchgpt.losses import lm_loss
 from scratchgpt.model import GPTModel
 from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, check_str
@@ -146,6 +145,9 @@ def run_instruct_finetune(
         artifacts = (paths.plot_png, paths.plot_csv, paths.responses)
         stage.finish_run(run, trainer, result, metrics, paths.metrics, artifacts)
         run.log_text(_samples_text(result), "samples/all_epochs.txt")
+        serving.log_instruct_model(run, paths.out_dir, metrics, max_new_tokens=params.max_new_tokens,
+                                   temperature=params.temperature,
+                                   tags={"method": params.method, "preset": params.preset})
     return metrics
 
 
@@ -163,17 +165,10 @@ def generate_responses(model: GPTModel, test: InstructionDataset, tokenizer, par
     import torch
 
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(params.train.seed)
-    prompts = [p.tolist() for p in test.prompts]
-    out = []
-    for start in range(0, len(prompts), params.generate_batch_size):
-        batch = prompts[start : start + params.generate_batch_size]
-        out += generate_batch(model, batch, params.max_new_tokens, eos_id=END_OF_TEXT, pad_id=END_OF_TEXT,
-                              temperature=params.temperature, generator=generator)  # fmt: skip
-        log.info("test responses: %d of %d", len(out), len(prompts))
-    return [
-        {**record, "model_response": extract_response(tokenizer.decode(tokens))}
-        for record, tokens in zip(test.records, out, strict=True)
-    ]
+    answers = answer_prompts(model, tokenizer, [p.tolist() for p in test.prompts], max_new_tokens=params.max_new_tokens,
+                             batch_size=params.generate_batch_size, temperature=params.temperature,
+                             generator=generator)  # fmt: skip
+    return [{**record, "model_response": answer} for record, answer in zip(test.records, answers, strict=True)]
 
 
 def stage_metrics(result: TrainResult, trainable: int, total: int, n_responses: int, new_tokens: int,

@@ -1,0 +1,262 @@
+"""The pipeline's two products as MLflow models in the model registry: `spam-classifier` and `instruct`.
+
+    import mlflow, pandas as pd
+    clf = mlflow.pyfunc.load_model("models:/spam-classifier/1")
+    clf.predict(pd.DataFrame({"text": ["WINNER!! Claim your prize"]}))      # columns label, probability
+    bot = mlflow.pyfunc.load_model("models:/instruct/1")
+    bot.predict(pd.DataFrame({"instruction": ["Name a color."], "input": [""]}))   # column response
+
+    mlflow models serve -m models:/spam-classifier/1 --env-manager local --host 127.0.0.1 --port 5001
+
+`SpamClassifier` and `InstructModel` are `mlflow.pyfunc.PythonModel` wrappers around our own code
+(`classify.load_classifier` + `classify.label_texts`; `checkpoint.load_model` + `instruct.encode_prompt`
++ `instruct.answer_prompts`, the test responses' batched generation). The stage's model directory
+(`model.safetensors`, `config.json`, the GPT-2 vocabulary) is the model's one artifact, the scratchgpt
+package travels with it (`code_paths`), and its pip requirements are pinned from the installed packages
+(so MLflow infers nothing in a subprocess).
+
+`log_classifier` / `log_instruct_model` log one as a model of a stage's MLflow run and register it as the
+next version of its registered model, with the run's headline metrics as version tags and in the
+description. They do nothing for a no-op run (tracking off, DDP ranks other than 0) or with
+`SCRATCHGPT_REGISTER=0`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+import scratchgpt
+from scratchgpt import checkpoint, distributed
+from scratchgpt.classify import label_texts, load_classifier
+from scratchgpt.instruct import answer_prompts, encode_prompt
+from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.tracking import StageRun
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_NAME = "spam-classifier"
+INSTRUCT_NAME = "instruct"
+ENV_REGISTER = "SCRATCHGPT_REGISTER"
+ARTIFACT = "model_dir"  # the key of the stage's model directory among the MLflow model's artifacts
+# The distributions the wrappers import (scratchgpt.serving and what it imports; tests/test_serving.py
+# checks the list against a real load-and-predict). Pinned to the installed versions when logged.
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "tiktoken")
+# What `metrics/cls.json` and `metrics/instruct.json` headline: the version tags and description.
+CLASSIFIER_HEADLINE = ("test_accuracy", "test_f1", "test_precision", "test_recall", "val_accuracy")
+INSTRUCT_HEADLINE = ("val_loss", "train_loss", "test_responses", "response_tokens_per_s")
+
+
+class SpamClassifier(mlflow.pyfunc.PythonModel):
+    """Texts (column `text`) in; `label` (ham | spam) and its `probability` out, as `python -m
+    scratchgpt.classify` answers. model_config: `device` (auto), `batch_size` (32)."""
+
+    def load_context(self, context) -> None:
+        config = context.model_config or {}
+        self.device = distributed.resolve_device(config.get("device", "auto"))
+        self.batch_size = int(config.get("batch_size", 32))
+        directory = context.artifacts[ARTIFACT]
+        self.model, self.info = load_classifier(directory, self.device)
+        self.tokenizer = gpt2_tokenizer(directory)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        texts = [str(t) for t in _column(model_input, "text")]
+        results = label_texts(self.model, self.info, self.tokenizer, texts, batch_size=self.batch_size,
+                              device=self.device)  # fmt: skip
+        return pd.DataFrame(results, columns=["label", "probability"])
+
+
+class InstructModel(mlflow.pyfunc.PythonModel):
+    """Instructions (column `instruction`, optional `input`) in; the `response` out, as the
+    instruct-finetune stage answers its test split. Params per request: `max_new_tokens`, `temperature`
+    (defaults: the stage's). model_config: `device` (auto), `batch_size` (16)."""
+
+    def load_context(self, context) -> None:
+        config = context.model_config or {}
+        self.device = distributed.resolve_device(config.get("device", "auto"))
+        self.batch_size = int(config.get("batch_size", 16))
+        directory = context.artifacts[ARTIFACT]
+        self.model = checkpoint.load_model(directory, self.device)
+        self.tokenizer = gpt2_tokenizer(directory)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = params or {}
+        instructions = _column(model_input, "instruction")
+        inputs = model_input["input"] if "input" in model_input else [""] * len(instructions)
+        prompts = [encode_prompt(self.tokenizer, str(i), "" if pd.isna(x) else str(x))
+                   for i, x in zip(instructions, inputs, strict=True)]  # fmt: skip
+        try:
+            responses = answer_prompts(
+                self.model, self.tokenizer, prompts, max_new_tokens=int(params.get("max_new_tokens", 256)),
+                temperature=float(params.get("temperature", 0.0)), batch_size=self.batch_size,
+            )  # fmt: skip
+        except ValueError as exc:  # a bad max_new_tokens or temperature: the client's error, not the server's
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+        return pd.DataFrame({"response": responses})
+
+
+def _column(frame: Any, name: str) -> list:
+    if not isinstance(frame, pd.DataFrame) or name not in frame:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException.invalid_parameter_value(f"expected a table with a {name!r} column")
+    return frame[name].tolist()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one registered model is: its wrapper, schema, example and headline metrics."""
+
+    name: str
+    wrapper: type[mlflow.pyfunc.PythonModel]
+    signature: Any
+    input_example: pd.DataFrame
+    headline: tuple[str, ...]
+    summary: str
+
+
+def classifier_spec() -> ModelSpec:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "text")])
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability")])
+    example = ["WINNER!! You have been selected to receive a £900 prize. Call now!", "Are we still on for lunch?"]
+    return ModelSpec(
+        CLASSIFIER_NAME,
+        SpamClassifier,
+        ModelSignature(inputs, outputs),
+        pd.DataFrame({"text": example}),
+        CLASSIFIER_HEADLINE,
+        "Spam classifier (scratchgpt, lora-cls-finetune): text in, label (ham | spam) and probability out.",
+    )
+
+
+def instruct_spec(max_new_tokens: int, temperature: float) -> ModelSpec:
+    """The instruction model; requests default to the stage's `max_new_tokens` and `temperature`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens)),
+                          ParamSpec("temperature", "double", float(temperature))])  # fmt: skip
+    return ModelSpec(
+        INSTRUCT_NAME,
+        InstructModel,
+        ModelSignature(inputs, Schema([ColSpec("string", "response")]), params),
+        pd.DataFrame({"instruction": ["Rewrite the sentence using a simile."], "input": ["The car is very fast."]}),
+        INSTRUCT_HEADLINE,
+        "Instruction model (scratchgpt, instruct-finetune): instruction and optional input in, response out.",
+    )
+
+
+def registry_enabled() -> bool:
+    """False when `SCRATCHGPT_REGISTER` is 0/false/off/no."""
+    return os.environ.get(ENV_REGISTER, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
+def pip_requirements() -> list[str]:
+    """`name==version` of each distribution the wrappers import, as installed (local tags like +cpu
+    dropped: the served model may run on another build of the same version)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def log_classifier(run: StageRun, model_dir: str | os.PathLike[str], metrics: Mapping[str, float],
+                   tags: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+    """Log `model_dir` (from `classify.save_classifier`) as a model of `run` and register it as the next
+    version of `spam-classifier`; the ModelVersion, or None when registering is off."""
+    return log_and_register(run, classifier_spec(), model_dir, metrics, tags)
+
+
+def log_instruct_model(
+    run: StageRun, model_dir: str | os.PathLike[str], metrics: Mapping[str, float], *, max_new_tokens: int,
+    temperature: float, tags: Mapping[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    """Log `model_dir` (the instruct-finetune stage's model) as a model of `run` and register it as the next
+    version of `instruct`; the ModelVersion, or None when registering is off."""
+    return log_and_register(run, instruct_spec(max_new_tokens, temperature), model_dir, metrics, tags)
+
+
+def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLike[str],
+                     metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+    """The MLflow model of `spec` around `model_dir`, logged to `run` and registered as a new version.
+
+    Goes through `run`'s client (explicit run id and store, never MLflow's process-wide active run), and
+    logs `registry_time_s` (what logging and registering took) to the run.
+    """
+    if not (run.enabled and registry_enabled()):
+        return None
+    from mlflow.entities import LoggedModelOutput
+
+    missing = [n for n in (checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE) if not (Path(model_dir) / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: no model to log as {spec.name!r}")
+    started = time.perf_counter()
+    client = run._client
+    version_tags = {**{k: f"{metrics[k]:.6g}" for k in spec.headline if k in metrics}, **(tags or {})}
+    logged = client.create_logged_model(run.experiment_id, name=spec.name, source_run_id=run.run_id,
+                                        tags={k: str(v) for k, v in version_tags.items()})  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="scratchgpt-model-") as tmp:
+            _save(spec, Path(model_dir), Path(tmp), run.run_id, logged)
+            client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    version = _register(client, spec, logged.model_id, run.run_id, version_tags, metrics)
+    seconds = time.perf_counter() - started
+    run.log_metrics({f"{spec.name}_registry_time_s": seconds})
+    log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, logged.model_id, seconds)
+    return version
+
+
+def _save(spec: ModelSpec, model_dir: Path, tmp: Path, run_id: str, logged: Any) -> None:
+    """The MLflow model in `tmp/model`; its code is a two-line script naming our wrapper ("models from
+    code": nothing is pickled)."""
+    from mlflow.models import Model
+
+    code = tmp / f"{spec.name.replace('-', '_')}_model.py"
+    code.write_text(f"import mlflow.models\nfrom scratchgpt.serving import {spec.wrapper.__name__}\n\n"
+                    f"mlflow.models.set_model({spec.wrapper.__name__}())\n")  # fmt: skip
+    mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                         model_id=logged.model_id)  # fmt: skip
+    mlflow.pyfunc.save_model(
+        tmp / "model",
+        python_model=code,
+        artifacts={ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(scratchgpt.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        signature=spec.signature,
+        input_example=spec.input_example,
+        mlflow_model=mlflow_model,
+    )
+
+
+def _register(client: Any, spec: ModelSpec, model_id: str, run_id: str, tags: Mapping[str, str],
+              metrics: Mapping[str, float]) -> Any:  # fmt: skip
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(spec.name, description=spec.summary)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    headline = ", ".join(f"{k} {metrics[k]:.4g}" for k in spec.headline if k in metrics)
+    return client.create_model_version(
+        spec.name, source=f"models:/{model_id}", run_id=run_id, tags=dict(tags), model_id=model_id,
+        description=f"From MLflow run {run_id}: {headline}.",
+    )  # fmt: skip
