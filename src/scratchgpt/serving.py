@@ -51,20 +51,23 @@ ENV_REGISTER = "SCRATCHGPT_REGISTER"
 ARTIFACT = "model_dir"  # the key of the stage's model directory among the MLflow model's artifacts
 # The distributions the wrappers import (scratchgpt.serving and what it imports; tests/test_serving.py
 # checks the list against a real load-and-predict). Pinned to the installed versions when logged.
-REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "tiktoken")
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "tiktoken", "tqdm", "PyYAML")
 # What `metrics/cls.json` and `metrics/instruct.json` headline: the version tags and description.
 CLASSIFIER_HEADLINE = ("test_accuracy", "test_f1", "test_precision", "test_recall", "val_accuracy")
 INSTRUCT_HEADLINE = ("val_loss", "train_loss", "test_responses", "response_tokens_per_s")
+# The wrappers' model_config as logged; override at load time (`mlflow.pyfunc.load_model(uri, model_config=
+# {"device": "cpu"})`) or when serving (`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'`).
+CLASSIFIER_CONFIG = {"device": "auto", "batch_size": 32}
+INSTRUCT_CONFIG = {"device": "auto", "batch_size": 16}
 
 
 class SpamClassifier(mlflow.pyfunc.PythonModel):
     """Texts (column `text`) in; `label` (ham | spam) and its `probability` out, as `python -m
-    scratchgpt.classify` answers. model_config: `device` (auto), `batch_size` (32)."""
+    scratchgpt.classify` answers. model_config: `device`, `batch_size` (`CLASSIFIER_CONFIG`)."""
 
     def load_context(self, context) -> None:
-        config = context.model_config or {}
-        self.device = distributed.resolve_device(config.get("device", "auto"))
-        self.batch_size = int(config.get("batch_size", 32))
+        self.device = distributed.resolve_device(context.model_config["device"])
+        self.batch_size = int(context.model_config["batch_size"])
         directory = context.artifacts[ARTIFACT]
         self.model, self.info = load_classifier(directory, self.device)
         self.tokenizer = gpt2_tokenizer(directory)
@@ -79,12 +82,11 @@ class SpamClassifier(mlflow.pyfunc.PythonModel):
 class InstructModel(mlflow.pyfunc.PythonModel):
     """Instructions (column `instruction`, optional `input`) in; the `response` out, as the
     instruct-finetune stage answers its test split. Params per request: `max_new_tokens`, `temperature`
-    (defaults: the stage's). model_config: `device` (auto), `batch_size` (16)."""
+    (defaults: the stage's). model_config: `device`, `batch_size` (`INSTRUCT_CONFIG`)."""
 
     def load_context(self, context) -> None:
-        config = context.model_config or {}
-        self.device = distributed.resolve_device(config.get("device", "auto"))
-        self.batch_size = int(config.get("batch_size", 16))
+        self.device = distributed.resolve_device(context.model_config["device"])
+        self.batch_size = int(context.model_config["batch_size"])
         directory = context.artifacts[ARTIFACT]
         self.model = checkpoint.load_model(directory, self.device)
         self.tokenizer = gpt2_tokenizer(directory)
@@ -123,6 +125,7 @@ class ModelSpec:
     wrapper: type[mlflow.pyfunc.PythonModel]
     signature: Any
     input_example: pd.DataFrame
+    config: dict[str, Any]
     headline: tuple[str, ...]
     summary: str
 
@@ -139,6 +142,7 @@ def classifier_spec() -> ModelSpec:
         SpamClassifier,
         ModelSignature(inputs, outputs),
         pd.DataFrame({"text": example}),
+        CLASSIFIER_CONFIG,
         CLASSIFIER_HEADLINE,
         "Spam classifier (scratchgpt, lora-cls-finetune): text in, label (ham | spam) and probability out.",
     )
@@ -157,6 +161,7 @@ def instruct_spec(max_new_tokens: int, temperature: float) -> ModelSpec:
         InstructModel,
         ModelSignature(inputs, Schema([ColSpec("string", "response")]), params),
         pd.DataFrame({"instruction": ["Rewrite the sentence using a simile."], "input": ["The car is very fast."]}),
+        INSTRUCT_CONFIG,
         INSTRUCT_HEADLINE,
         "Instruction model (scratchgpt, instruct-finetune): instruction and optional input in, response out.",
     )
@@ -242,6 +247,7 @@ def _save(spec: ModelSpec, model_dir: Path, tmp: Path, run_id: str, logged: Any)
         pip_requirements=pip_requirements(),
         signature=spec.signature,
         input_example=spec.input_example,
+        model_config=spec.config,
         mlflow_model=mlflow_model,
     )
 
