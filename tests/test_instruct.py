@@ -114,12 +114,19 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
     assert (workdir / "plots" / "instruct_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (workdir / "plots" / "instruct_loss.csv").read_text().startswith("step,epoch,tokens_seen,train_loss")
 
+    import mlflow
+    import pandas as pd
     from mlflow import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
     assert run.data.tags["dvc_stage"] == "instruct-finetune" and run.data.params["instruct.method"] == "full"
     assert "instruct_test.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    (version,) = client.search_model_versions("name='instruct'")  # registered by the stage (tests/test_serving.py)
+    assert version.run_id == run.info.run_id and version.tags["method"] == "full"
+    served = mlflow.pyfunc.load_model(f"models:/instruct/{version.version}")
+    asked = pd.DataFrame(test.records[:2]).drop(columns="output")
+    assert served.predict(asked)["response"].tolist() == [r["model_response"] for r in responses[:2]]
 
     # the chat command answers with the same greedy tokens, streamed
     pieces = list(stream_response(model, tok, test.records[0]["instruction"], test.records[0]["input"],

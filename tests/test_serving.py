@@ -205,7 +205,7 @@ def test_each_stage_execution_registers_a_version_even_when_it_reuses_its_checkp
     metrics = json.loads((workdir / "metrics" / "cls.json").read_text())
     assert versions[1].tags["test_accuracy"] == f"{metrics['test_accuracy']:.6g}"
     assert versions[1].tags["mode"] == "last-block"
-    assert "spam-classifier_registry_time_s" in runs[1].data.metrics
+    assert runs[1].data.metrics["registry_time_s"] > 0
 
     got = mlflow.pyfunc.load_model("models:/spam-classifier/2").predict(pd.DataFrame({"text": TEXTS}))
     labels, probs = our_classification(workdir / "models" / "spam-classifier", TEXTS)

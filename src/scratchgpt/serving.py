@@ -209,7 +209,7 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: no model to log as {spec.name!r}")
     started = time.perf_counter()
-    client = run._client
+    client = run.client
     version_tags = {**{k: f"{metrics[k]:.6g}" for k in spec.headline if k in metrics}, **(tags or {})}
     logged = client.create_logged_model(run.experiment_id, name=spec.name, source_run_id=run.run_id,
                                         tags={k: str(v) for k, v in version_tags.items()})  # fmt: skip
@@ -224,7 +224,7 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
     version = _register(client, spec, logged.model_id, run.run_id, version_tags, metrics)
     seconds = time.perf_counter() - started
-    run.log_metrics({f"{spec.name}_registry_time_s": seconds})
+    run.log_metrics({"registry_time_s": seconds})
     log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, logged.model_id, seconds)
     return version
 
@@ -259,7 +259,7 @@ def _register(client: Any, spec: ModelSpec, model_id: str, run_id: str, tags: Ma
     try:
         client.create_registered_model(spec.name, description=spec.summary)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     headline = ", ".join(f"{k} {metrics[k]:.4g}" for k in spec.headline if k in metrics)
     return client.create_model_version(

@@ -295,6 +295,11 @@ class StageRun:
     def enabled(self) -> bool:
         return self.run_id is not None
 
+    @property
+    def client(self):
+        """The `MlflowClient` of this run's store (None for a disabled run), for what the methods here do not cover."""
+        return self._client
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at `step` (MLflow's default step 0 when None)."""
         if not self.enabled or not metrics:
