@@ -81,6 +81,17 @@ class DvcProject:
 def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
     """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/) copied into a fresh, committed git + DVC
     repository, with the data mirror, an MLflow store in tmp_path and the venv's tools on PATH."""
+    return make_dvc_project(tmp_path, mirror_dir)
+
+
+@pytest.fixture(scope="module")
+def module_dvc_project(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -> DvcProject:
+    """`dvc_project`, shared by the tests of one module (e.g. to run the pipeline once for all of them)."""
+    return make_dvc_project(tmp_path_factory.mktemp("dvc_project"), mirror_dir)
+
+
+def make_dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
+    """What `dvc_project` gives, in `tmp_path`: the project in `tmp_path`/project, the MLflow store beside it."""
     repo = tmp_path / "project"
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
