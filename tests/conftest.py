@@ -116,6 +116,13 @@ def dvc_project(tmp_path: Path, mirror_dir: Path) -> DvcProject:
     return make_dvc_project(tmp_path / "project", mirror_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+@pytest.fixture(scope="module")
+def module_dvc_project(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -> DvcProject:
+    """`dvc_project`, shared by the tests of one module (e.g. to run the pipeline once for all of them)."""
+    root = tmp_path_factory.mktemp("dvc_project")
+    return make_dvc_project(root / "project", mirror_dir, f"sqlite:///{root / 'mlflow.db'}")
+
+
 @dataclass(frozen=True)
 class MlflowServer:
     """A running `mlflow server`: its URL, its SQLite backend store and its artifact destination."""

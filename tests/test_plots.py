@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from scratchgpt.plots import plot_losses, plot_metric, write_plot_csv
+from scratchgpt.plots import plot_bars, plot_losses, plot_metric, write_plot_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -120,5 +120,19 @@ def test_plot_rejects_bad_input_and_keeps_old_png(tmp_path):
         )
     with pytest.raises(ValueError, match="none of the series"):
         plot_losses([{"epoch": 0, "tokens_seen": 0}], path)
+    assert path.read_bytes() == before
+    assert no_temp_files(tmp_path)
+
+
+def test_plot_bars_by_group_with_ranges_and_bad_input(tmp_path):
+    path = tmp_path / "acc.png"
+    plot_bars(["a", "b", "c"], [0.9, 0.8, 0.95], path, ylabel="Accuracy", groups=["lora", "full", "lora"],
+              ranges=[(0.85, 0.92), (0.8, 0.8), (0.9, 0.97)], title="by mode")  # fmt: skip
+    assert png_size(path) == (885, 540)  # (0.8 * 3 + 3.5) x 3.6 inches at 150 dpi
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="no bars"):
+        plot_bars([], [], path, ylabel="Accuracy")
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_bars(["a", "b"], [0.5], path, ylabel="Accuracy")
     assert path.read_bytes() == before
     assert no_temp_files(tmp_path)

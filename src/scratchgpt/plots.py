@@ -98,15 +98,16 @@ def plot_metric(
     title: str | None = None,
     labels: Mapping[str, str] | None = None,
     integer_x_ticks: bool = True,
-    legend_loc: str = "best",
+    legend_loc: str | None = "best",
     dpi: int = 150,
+    figsize: tuple[float, float] = (5, 3),
 ) -> Path:
     """Plot each of `series` against `x_key` (e.g. accuracy vs epochs, examples seen on top).
 
     Rows where a series' value is missing, None or NaN are skipped for that series only (e.g.
     validation measured less often than training). `twin_x_key` adds a top x-axis (tokens or
     examples seen) aligned with the bottom one, as in the book's figures. Writes the PNG
-    atomically and returns its path.
+    atomically and returns its path. `legend_loc=None` draws no legend (e.g. for many series).
     """
     path = Path(path_png)
     if not rows:
@@ -119,7 +120,7 @@ def plot_metric(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(5, 3))
+    fig = Figure(figsize=figsize)
     ax = fig.subplots()
     plotted = False
     for i, key in enumerate(series):
@@ -133,7 +134,8 @@ def plot_metric(
         raise ValueError(f"{path}: none of the series {list(series)} has a value in any row")
     ax.set_xlabel(xlabel or x_key)
     ax.set_ylabel(ylabel)
-    ax.legend(loc=legend_loc)
+    if legend_loc is not None:
+        ax.legend(loc=legend_loc)
     if integer_x_ticks:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if twin_x_key is not None:
@@ -147,6 +149,49 @@ def plot_metric(
         top.plot(used, [sum(ylim) / 2] * len(used), alpha=0)
         ax.set_ylim(ylim)
         top.set_xlabel(twin_xlabel or twin_x_key)
+    return _save(fig, ax, path, title, dpi)
+
+
+def plot_bars(
+    labels: Sequence[str],
+    values: Sequence[float],
+    path_png: str | os.PathLike[str],
+    *,
+    ylabel: str,
+    groups: Sequence[str] | None = None,
+    title: str | None = None,
+    value_format: str = "{:.1%}",
+    ranges: Sequence[tuple[float, float]] | None = None,
+    dpi: int = 150,
+) -> Path:
+    """One bar per label, its value written on top; bars of the same `groups` entry share a colour (and
+    the legend names the groups); `ranges` adds a (low, high) whisker to each bar. Writes the PNG
+    atomically and returns its path."""
+    path = Path(path_png)
+    if not labels:
+        raise ValueError(f"{path}: no bars to plot")
+    if any(len(x) != len(labels) for x in (values, groups or labels, ranges or labels)):
+        raise ValueError(f"{path}: labels, values, groups and ranges differ in length")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(16.0, 0.8 * len(labels) + 3.5), 3.6))  # room for the legend on the right
+    ax = fig.subplots()
+    colours = {g: f"C{i % 10}" for i, g in enumerate(dict.fromkeys(groups or ()))}
+    yerr = None if ranges is None else [[v - lo for v, (lo, _) in zip(values, ranges, strict=True)],
+                                        [hi - v for v, (_, hi) in zip(values, ranges, strict=True)]]  # fmt: skip
+    bars = ax.bar(range(len(labels)), values, color=[colours[g] for g in groups] if groups else "C0", yerr=yerr,
+                  capsize=4)  # fmt: skip
+    ax.bar_label(bars, labels=[value_format.format(v) for v in values], fontsize=7)
+    crowded = len(labels) > 4
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                  fontsize=8)  # fmt: skip
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(1.0, max(values) * 1.12))
+    if groups:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=c, label=g) for g, c in colours.items()]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _save(fig, ax, path, title, dpi)
 
 

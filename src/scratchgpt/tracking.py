@@ -54,6 +54,8 @@ ENV_PARENT_RUN_ID = "SCRATCHGPT_MLFLOW_PARENT_RUN_ID"
 ENV_PROJECT_ROOT = "SCRATCHGPT_PROJECT_ROOT"
 ENV_TRACKING_SWITCH = "SCRATCHGPT_TRACKING"
 DEFAULT_EXPERIMENT = "scratchgpt"
+#: Tag of the runs `scratchgpt.compare` logs its outputs to; such runs are never compared themselves.
+COMPARISON_TAG = "scratchgpt_comparison"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 
@@ -414,6 +416,21 @@ def pipeline_run(
     the project directory.
     """
     with _run({"pipeline": name}, params, preset, experiment, run_name or name, enabled, tags, tracking_uri) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def comparison_run(
+    name: str,
+    params: Any,
+    *,
+    experiment: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> Iterator[StageRun]:
+    """A run holding a comparison of other runs (`scratchgpt.compare`), tagged `COMPARISON_TAG` so that
+    comparisons leave it out."""
+    with _run({COMPARISON_TAG: "true"}, params, None, experiment, name, True, tags, tracking_uri) as run:
         yield run
 
 
