@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -428,23 +430,34 @@ def test_state_loads_with_weights_only(tmp_path):
     shutil.rmtree(out)
 
 
+FAULTS_SCRIPT = """
+import json, resource, torch
+from scratchgpt.memory import keep_freed_memory
+
+def faults_for_big_allocations():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 * 1024 * 1024)  # 64 MiB, freed at once: glibc maps and unmaps it by default
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+torch.ones(16 * 1024 * 1024)
+default = faults_for_big_allocations()
+with keep_freed_memory():
+    faults_for_big_allocations()  # the heap grows to fit, then stays
+    faults_for_big_allocations()
+    kept = faults_for_big_allocations()
+print(json.dumps({"default": default, "kept": kept}))
+"""
+
+
 def test_keep_freed_memory_stops_glibc_from_unmapping_big_buffers():
-    from scratchgpt.memory import glibc_mallopt, keep_freed_memory
+    """Page faults of five 64 MiB tensors, in a fresh process: glibc's heap state is process-wide, and what
+    earlier tests allocated and freed (and their mallopt calls) would change the default's count."""
+    from scratchgpt.memory import glibc_mallopt
 
     if glibc_mallopt() is None:
         pytest.skip("glibc only")
-    import resource
-
-    def faults_for_big_allocations() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            torch.ones(16 * 1024 * 1024)  # 64 MiB, freed at once: glibc maps and unmaps it by default
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    torch.ones(16 * 1024 * 1024)
-    default = faults_for_big_allocations()
-    with keep_freed_memory():
-        faults_for_big_allocations()  # the heap grows to fit, then stays
-        faults_for_big_allocations()
-        kept = faults_for_big_allocations()
-    assert default > 5 * 16_000 and kept < default / 10
+    proc = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    faults = json.loads(proc.stdout)
+    assert faults["default"] > 5 * 16_000 and faults["kept"] < faults["default"] / 10, faults
