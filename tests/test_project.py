@@ -31,6 +31,20 @@ def test_every_entry_point_has_help(script):
     assert "usage:" in result.stdout
 
 
+MODULE_ENTRY_POINTS = sorted(
+    f"scratchgpt.{p.stem}" for p in (REPO / "src" / "scratchgpt").glob("*.py") if '__name__ == "__main__"' in p.read_text()
+)
+
+
+@pytest.mark.parametrize("module", MODULE_ENTRY_POINTS)
+def test_every_module_entry_point_has_help_naming_how_to_run_it(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout[:200]
+
+
 def test_ci_runs_exactly_the_readme_commands():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")

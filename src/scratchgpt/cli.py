@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,10 +21,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def parser(doc: str | None, *, params: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
     """An argument parser whose --help shows the module docstring as written (and, for stages, --params)."""
+    kwargs.setdefault("prog", _module_prog())
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     if params:
         p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     return p
+
+
+def _module_prog() -> str | None:
+    """`python -m scratchgpt.x` when run so (argparse would say `x.py`), else None (argparse's own choice)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else None
 
 
 def setup_stage_logging() -> None:
