@@ -72,8 +72,9 @@ def _read_block(stream: TextIO, prompt: str, out: TextIO) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser(__doc__, prog="python -m scratchgpt.chat")
-    parser.add_argument("--model", type=Path, default=Path("models/instruct"), help="instruction-tuned model (default: %(default)s)")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--model", type=Path, default=Path("models/instruct"),
+                        help="instruction-tuned model (default: %(default)s)")  # fmt: skip
     parser.add_argument("--once", metavar="INSTRUCTION", help="answer this one instruction and exit")
     parser.add_argument("--input", default="", help="the input that goes with --once's instruction")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
