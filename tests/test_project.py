@@ -32,7 +32,9 @@ def test_every_entry_point_has_help(script):
 
 
 MODULE_ENTRY_POINTS = sorted(
-    f"scratchgpt.{p.stem}" for p in (REPO / "src" / "scratchgpt").glob("*.py") if '__name__ == "__main__"' in p.read_text()
+    f"scratchgpt.{p.stem}"
+    for p in (REPO / "src" / "scratchgpt").glob("*.py")
+    if '__name__ == "__main__"' in p.read_text(encoding="utf-8")
 )
 
 

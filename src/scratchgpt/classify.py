@@ -187,7 +187,8 @@ def _read_texts(args: Any) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("texts", nargs="*", help="texts to classify (default: --file, else standard input)")
-    parser.add_argument("--model", type=Path, default=Path("models/spam-classifier"), help="classifier directory (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=Path("models/spam-classifier"),
+                        help="classifier directory (default: %(default)s)")  # fmt: skip
     parser.add_argument("--file", type=Path, help="read texts from this file, one per line")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--device", default="auto", choices=distributed.DEVICES, help="where to run")
