@@ -23,12 +23,13 @@ description. They do nothing for a no-op run (tracking off, DDP ranks other than
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 CLASSIFIER_NAME = "spam-classifier"
 INSTRUCT_NAME = "instruct"
 ENV_REGISTER = "SCRATCHGPT_REGISTER"
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 ARTIFACT = "model_dir"  # the key of the stage's model directory among the MLflow model's artifacts
 # The distributions the wrappers import (scratchgpt.serving and what it imports; tests/test_serving.py
 # checks the list against a real load-and-predict). Pinned to the installed versions when logged.
@@ -214,7 +216,7 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     logged = client.create_logged_model(run.experiment_id, name=spec.name, source_run_id=run.run_id,
                                         tags={k: str(v) for k, v in version_tags.items()})  # fmt: skip
     try:
-        with tempfile.TemporaryDirectory(prefix="scratchgpt-model-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="scratchgpt-model-") as tmp, _quiet_artifact_progress():
             _save(spec, Path(model_dir), Path(tmp), run.run_id, logged)
             client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
     except BaseException:
@@ -227,6 +229,20 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     run.log_metrics({"registry_time_s": seconds})
     log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, logged.model_id, seconds)
     return version
+
+
+@contextlib.contextmanager
+def _quiet_artifact_progress() -> Iterator[None]:
+    """No "Downloading artifacts" bar in the stage's log while MLflow copies the model directory (unless
+    the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR)."""
+    if PROGRESS_ENV in os.environ:
+        yield
+        return
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_ENV, None)
 
 
 def _save(spec: ModelSpec, model_dir: Path, tmp: Path, run_id: str, logged: Any) -> None:
