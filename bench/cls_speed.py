@@ -67,7 +67,6 @@ import importlib.metadata
 import logging
 import operator
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -82,6 +81,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from machine import log_machine
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
@@ -110,39 +110,7 @@ LOSS_TOLERANCE = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and its /proc/cpuinfo flags."""
-    name: str | None = None
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and name is None:
-                name = value
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-    return name or platform.processor() or "unknown", flags
-
-
-def machine_facts() -> dict[str, Any]:
-    name, flags = cpu_info()
-    relevant = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    return {
-        "cpu": name,
-        "cpu_count": os.cpu_count(),
-        "cpu_flags": {f: f in flags for f in relevant},
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn_bf16_supported": torch.backends.mkldnn.is_available()
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-    }
+# The reference
 
 
 def book_reference() -> dict[str, Any]:
@@ -539,11 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     args = parse_args(argv)
     started = time.perf_counter()
-    machine = machine_facts()
-    log.info("machine: %s", machine)
-    if machine["load_average_start"][0] > 0.5 * (os.cpu_count() or 1):
-        log.warning("load average %s: other processes share the CPU; timings will be noisy",
-                    machine["load_average_start"])  # fmt: skip
+    machine = log_machine(log)
     seed = cls_params(MODES[0]).train.seed
     cfg = base_config(args.base)
     heap = keep_freed_memory() if args.keep_heap else contextlib.nullcontext()

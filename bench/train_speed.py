@@ -53,7 +53,6 @@ import dataclasses
 import gc
 import logging
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import bf16_fast, log_machine
 from torch.utils.data import TensorDataset
 
 from scratchgpt import cli
@@ -94,34 +94,6 @@ GOAL_RATIO = 4.0  # the issue's goal at gpt2-small
 
 # ---------------------------------------------------------------------------------------------
 # Machine
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def bf16_fast() -> bool:
-    """True where oneDNN has a native bf16 path on this CPU (AVX512-BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def machine_facts() -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn_bf16_supported": bf16_fast(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "libc": "-".join(platform.libc_ver()),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def matmul_gflops(shape: tuple[int, int, int], dtype: torch.dtype, transposed: bool, repeats: int) -> float:
@@ -661,11 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     args = parse_args(argv)
     started = time.perf_counter()
-    machine = machine_facts()
-    log.info("machine: %s", machine)
-    if machine["load_average_start"][0] > 0.5 * (os.cpu_count() or 1):
-        log.warning("load average %s: other processes share the CPU; timings will be noisy",
-                    machine["load_average_start"])
+    machine = log_machine(log)
 
     peak_start = measure_peaks(args.quick)
     setups = [] if args.skip_124m else [(load_setup("gpt2-small", "book"), True)]
