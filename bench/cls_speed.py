@@ -16,10 +16,10 @@ loops evaluate every `eval_freq` steps, outside the step).
                 all frozen, then `replace_linear_with_lora` on every Linear, the head included, rank 16,
                 alpha 1: the book scales by alpha alone and ours by alpha / rank, so alpha 1 there is
                 the same scale as ours' 16 / 16; the book's own run used alpha 16, i.e. scale 16).
-  ours          the stage's optimizer step, `scratchgpt.training.Trainer._train_step` (lr schedule,
+  ours          the stage's optimizer step, `scratchgpt.train.trainer.Trainer._train_step` (lr schedule,
                 `classification_loss("last-token")`, backward, clipping, fused AdamW with the
-                weight-decay groups of `scratchgpt.optim`; params.yaml's `cls.train` on the CPU) on
-                `cls_finetune.build_model(ClsParams(mode, lora_rank=16, lora_alpha=16, max_length=None,
+                weight-decay groups of `scratchgpt.train.optim`; params.yaml's `cls.train` on the CPU) on
+                `lora_cls_finetune.build_model(ClsParams(mode, lora_rank=16, lora_alpha=16, max_length=None,
                 pool="last-token"))`, with the stage's collate `pad_collate()`: each batch padded to its
                 own longest text.
   ours_pad120   the same step with `pad_collate(120)`: every batch padded to the book's length, so the
@@ -29,7 +29,7 @@ The base is gpt2-small (124M, qkv_bias and a tied head as OpenAI's; `--base cpu-
 smoke run) with random weights (no real weights offline): it is written to a temporary `models/base`,
 loaded by `build_model`, and the built model's state dict (base, the fresh 2-way head, LoRA A
 matrices) is copied into the book's model, so both start from identical weights. The batches are the
-first ones of the stage's own first-epoch order (`training.epoch_order`, seeded by `cls.train.seed`).
+first ones of the stage's own first-epoch order (`train.state.epoch_order`, seeded by `cls.train.seed`).
 Each contender gets `--warmup` untimed steps on the first of them, then `--rounds` interleaved rounds
 (the order rotated each round) in which it trains on the same `--steps` batches that follow (so every
 round does the same work; the JSON compares their padded width under ours' padding with the whole
@@ -85,16 +85,18 @@ from machine import log_machine
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from scratchgpt import cli, lora
-from scratchgpt.checkpoint import save_model
-from scratchgpt.classify import ClassificationDataset, pad_collate, real_tokens
-from scratchgpt.cls_finetune import LABELS, MODES, ClsParams, build_model
-from scratchgpt.fileio import write_json
-from scratchgpt.losses import classification_loss
-from scratchgpt.memory import glibc_mallopt, keep_freed_memory
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.params import from_dict, read_params
-from scratchgpt.training import Trainer, epoch_order, seed_everything
+from scratchgpt.apps.classify import ClassificationDataset, pad_collate, real_tokens
+from scratchgpt.nn import lora
+from scratchgpt.nn.checkpoint import save_model
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.lora_cls_finetune import LABELS, MODES, ClsParams, build_model
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.fileio import write_json
+from scratchgpt.plumbing.params import from_dict, read_params
+from scratchgpt.train.losses import classification_loss
+from scratchgpt.train.memory import glibc_mallopt, keep_freed_memory
+from scratchgpt.train.state import epoch_order, seed_everything
+from scratchgpt.train.trainer import Trainer
 
 log = logging.getLogger("bench.cls_speed")
 
@@ -148,10 +150,10 @@ def load_train_split(mirror: Path | None, workdir: Path) -> TrainSplit:
     if mirror is None:
         raise SystemExit(f"no {PROCESSED_TRAIN.relative_to(REPO)} and no mirror: pass --mirror or set "
                          "SCRATCHGPT_MIRROR")
-    from scratchgpt.datasets import SampleParams, build_spam_table, split_spam
-    from scratchgpt.download import extract_member
-    from scratchgpt.sources import SOURCES
-    from scratchgpt.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.datasets import SampleParams, build_spam_table, split_spam
+    from scratchgpt.data.download import extract_member
+    from scratchgpt.data.sources import SOURCES
+    from scratchgpt.data.tokenizer import gpt2_tokenizer
 
     source = SOURCES["sms-spam-collection"]
     member = workdir / "SMSSpamCollection"

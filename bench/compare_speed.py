@@ -37,9 +37,10 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from scratchgpt import cli, compare, tracking
-from scratchgpt.fileio import write_json
-from scratchgpt.params import read_params
+from scratchgpt import compare
+from scratchgpt.plumbing import cli, tracking
+from scratchgpt.plumbing.fileio import write_json
+from scratchgpt.plumbing.params import read_params
 
 log = logging.getLogger("bench.compare_speed")
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from scratchgpt import cli
-from scratchgpt.checkpoint import load_hf_gpt2
-from scratchgpt.fileio import write_json
-from scratchgpt.generate import generate
+from scratchgpt.nn.checkpoint import load_hf_gpt2
+from scratchgpt.nn.generate import generate
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.fileio import write_json
 
 log = logging.getLogger("bench.generate_speed")
 RESULTS = Path(__file__).parent / "results" / "generate_speed.json"

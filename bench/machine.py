@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from scratchgpt import cli
+from scratchgpt.plumbing import cli
 
 # The CPU flags that decide which matmul kernels (fp32 AVX2/AVX-512, bf16 AVX512-BF16/AMX) exist.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")

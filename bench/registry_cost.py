@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scratchgpt import cli, serving, tracking
-from scratchgpt.fileio import write_json
+from scratchgpt.apps import serving
+from scratchgpt.plumbing import cli, tracking
+from scratchgpt.plumbing.fileio import write_json
 
 log = logging.getLogger("bench.registry_cost")
 RESULTS = Path("bench/results/registry_cost.json")

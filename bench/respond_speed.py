@@ -6,7 +6,7 @@ one process:
 
   book    the book's chapter-7 loop: one prompt at a time through `llms_from_scratch.ch05.generate`
           (no KV cache: every new token re-reads the whole sequence), stopping at end-of-text.
-  ours    `scratchgpt.generate.generate_batch` as the stage calls it: `--batch-size` prompts together
+  ours    `scratchgpt.nn.generate.generate_batch` as the stage calls it: `--batch-size` prompts together
           (left-padded, padding mask, per-row positions), one pre-allocated KV cache, the output head on
           the last position only, stopping each row at end-of-text.
 
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from scratchgpt import cli
-from scratchgpt.checkpoint import load_model
-from scratchgpt.fileio import write_json
-from scratchgpt.generate import generate_batch
-from scratchgpt.instruct import END_OF_TEXT, InstructionDataset
-from scratchgpt.params import read_params
+from scratchgpt.apps.instruct import END_OF_TEXT, InstructionDataset
+from scratchgpt.nn.checkpoint import load_model
+from scratchgpt.nn.generate import generate_batch
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.fileio import write_json
+from scratchgpt.plumbing.params import read_params
 
 log = logging.getLogger("bench.respond_speed")
 RESULTS = Path(__file__).parent / "results" / "respond_speed.json"

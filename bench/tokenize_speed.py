@@ -5,7 +5,7 @@ pipeline downloads (the-verdict, the instruction JSON, the SMS collection), spli
 of --doc-mb MB. Then, each in a fresh subprocess so that peak RSS is its own:
 
   raw      tiktoken `encode_ordinary_batch` on the documents already in memory (encode time only)
-  stream   `scratchgpt.corpus.encode_corpus`: read + decode + chunk + encode + Parquet write
+  stream   `scratchgpt.data.corpus.encode_corpus`: read + decode + chunk + encode + Parquet write
   stream   the same on a quarter of the corpus, to show that peak memory does not grow with it
 
 Each worker warms up (a tiny run) before the timed one, so one-time library set-up is not
@@ -31,7 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from scratchgpt import cli
+from scratchgpt.plumbing import cli
 
 log = logging.getLogger("bench.tokenize_speed")
 
@@ -74,8 +74,8 @@ def peak_rss_mb() -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process; prints a JSON line."""
-    from scratchgpt.corpus import encode_corpus
-    from scratchgpt.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.corpus import encode_corpus
+    from scratchgpt.data.tokenizer import gpt2_tokenizer
 
     enc = gpt2_tokenizer(args.vocab_dir)
     paths = [Path(p) for p in args.paths]
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     cli.setup_logging()
-    from scratchgpt.fileio import write_json
+    from scratchgpt.plumbing.fileio import write_json
 
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
         paths = build_corpus(Path(args.source_dir), Path(tmp), args.size_mb, args.doc_mb)

@@ -6,9 +6,9 @@ Throughput counts forward + backward + optimizer step (batches already in memory
   book_fp32       `llms_from_scratch.ch04.GPTModel` trained as the book's `train_model_simple` does:
                   `torch.optim.AdamW(lr=4e-4, weight_decay=0.1)`, the book's `calc_loss_batch`
                   (cross-entropy over flattened logits), `backward()`, `step()`, fp32.
-  ours_*          the pretrain stage's own optimizer step, `scratchgpt.training.Trainer._train_step`
+  ours_*          the pretrain stage's own optimizer step, `scratchgpt.train.trainer.Trainer._train_step`
                   (lr schedule, autocast, `lm_loss`, backward, clipping, fused AdamW with the
-                  weight-decay groups of `scratchgpt.optim`) on `scratchgpt.model.GPTModel`, built
+                  weight-decay groups of `scratchgpt.train.optim`) on `scratchgpt.nn.model.GPTModel`, built
                   from the stage's params with only `precision` / `compile` changed:
                   ours_fp32, ours_bf16 (bf16-mixed autocast), ours_fp32_compile, ours_bf16_compile.
   exp_*           the same step plus a lever the stage has no param for, to see if one is worth adding:
@@ -68,16 +68,18 @@ import torch
 from machine import bf16_fast, log_machine
 from torch.utils.data import TensorDataset
 
-from scratchgpt import cli
-from scratchgpt.datasets import SampleParams
-from scratchgpt.fileio import write_json
-from scratchgpt.losses import lm_loss
-from scratchgpt.memory import glibc_mallopt, keep_freed_memory
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.params import from_dict, read_params
+from scratchgpt.data.datasets import SampleParams
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.pretrain import PretrainParams
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.fileio import write_json
+from scratchgpt.plumbing.params import from_dict, read_params
 from scratchgpt.presets import apply_preset, load_preset
-from scratchgpt.pretrain import PretrainParams
-from scratchgpt.training import TrainConfig, Trainer, seed_everything
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.memory import glibc_mallopt, keep_freed_memory
+from scratchgpt.train.state import seed_everything
+from scratchgpt.train.trainer import Trainer
 
 log = logging.getLogger("bench.train_speed")
 

@@ -63,8 +63,8 @@ from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from scratchgpt import orchestration as orch  # noqa: E402
-from scratchgpt import tracking  # noqa: E402
-from scratchgpt.params import ParamsError, flatten, read_params  # noqa: E402
+from scratchgpt.plumbing import tracking  # noqa: E402
+from scratchgpt.plumbing.params import ParamsError, flatten, read_params  # noqa: E402
 from scratchgpt.presets import load_preset  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from scratchgpt import cli
-from scratchgpt.download import (
-    MIRROR_ENV,
-    DownloadError,
-    DownloadParams,
-    download_all,
-    manifest,
-    metrics,
-    mirror_from_env,
-)
-from scratchgpt.fileio import write_json
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.sources import SOURCES
+from scratchgpt.data.download import DownloadError, DownloadParams
+from scratchgpt.data.sources import SOURCES
+from scratchgpt.pipeline.download import run_download
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
 
 log = logging.getLogger("stages.download")
 
@@ -42,19 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cli.setup_logging()
 
-    try:
-        params = load_section(DownloadParams, "download", args.params)
-        mirror = mirror_from_env()
-        where = f"mirror {mirror} ({MIRROR_ENV})" if mirror else "the network"
-        log.info("fetching %d source(s) from %s into %s", len(params.sources), where, params.out_dir)
-        records = download_all(params, mirror=mirror)
-    except (ParamsError, DownloadError) as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
-    write_json(args.manifest, manifest(records))
-    write_json(args.metrics, metrics(records))
-    log.info("wrote %s and %s: %d files, %d bytes", args.manifest, args.metrics, len(records),
-             sum(r.bytes for r in records))  # fmt: skip
+    def run() -> dict:
+        return run_download(load_section(DownloadParams, "download", args.params), args.manifest, args.metrics)
+
+    cli.run_stage(run, (ParamsError, DownloadError), log)
 
 
 if __name__ == "__main__":

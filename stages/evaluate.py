@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from scratchgpt import cli
-from scratchgpt.checkpoint import CheckpointError
-from scratchgpt.datasets import DatasetError
-from scratchgpt.evaluate import EvaluateParams, run_evaluate
-from scratchgpt.judge import JudgeError
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.stage import StageError
+from scratchgpt.data.datasets import DatasetError
+from scratchgpt.nn.checkpoint import CheckpointError
+from scratchgpt.pipeline.evaluate import EvaluateParams, run_evaluate
+from scratchgpt.pipeline.judge import JudgeError
+from scratchgpt.pipeline.stage import StageError
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
 
 log = logging.getLogger("stages.evaluate")
 

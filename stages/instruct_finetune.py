@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 
-from scratchgpt import cli, distributed
-from scratchgpt.checkpoint import CheckpointError
-from scratchgpt.datasets import DatasetError
-from scratchgpt.instruct_finetune import InstructParams, run_instruct_finetune
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.stage import StageError
-from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
+from scratchgpt.data.datasets import DatasetError
+from scratchgpt.nn.checkpoint import CheckpointError
+from scratchgpt.pipeline.instruct_finetune import InstructParams, run_instruct_finetune
+from scratchgpt.pipeline.stage import StageError
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.train import distributed
+from scratchgpt.train.state import CheckpointMismatchError
+from scratchgpt.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("stages.instruct_finetune")
 

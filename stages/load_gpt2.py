@@ -17,12 +17,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from scratchgpt import cli
-from scratchgpt.checkpoint import CheckpointError
-from scratchgpt.download import DownloadError, DownloadParams
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.pretrained import LoadGPT2Params, LoadGPT2Paths, run_load_gpt2
-from scratchgpt.stage import StageError
+from scratchgpt.data.download import DownloadError, DownloadParams
+from scratchgpt.nn.checkpoint import CheckpointError
+from scratchgpt.pipeline.load_gpt2 import LoadGPT2Params, LoadGPT2Paths, run_load_gpt2
+from scratchgpt.pipeline.stage import StageError
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
 
 log = logging.getLogger("stages.load_gpt2")
 

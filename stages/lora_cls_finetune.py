@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import logging
 
-from scratchgpt import cli, distributed
-from scratchgpt.checkpoint import CheckpointError
-from scratchgpt.cls_finetune import ClsParams, run_cls_finetune
-from scratchgpt.datasets import DatasetError
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.stage import StageError
-from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
+from scratchgpt.data.datasets import DatasetError
+from scratchgpt.nn.checkpoint import CheckpointError
+from scratchgpt.pipeline.lora_cls_finetune import ClsParams, run_lora_cls_finetune
+from scratchgpt.pipeline.stage import StageError
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.train import distributed
+from scratchgpt.train.state import CheckpointMismatchError
+from scratchgpt.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("stages.lora_cls_finetune")
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> dict[str, float] | None:
         params = load_section(ClsParams, "cls", args.params)
         distributed.launch(params.train.nproc)  # cls.train.nproc > 1: rerun this script under torchrun
-        return run_cls_finetune(params)
+        return run_lora_cls_finetune(params)
 
     metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from scratchgpt import cli, distributed
-from scratchgpt.datasets import SampleParams
-from scratchgpt.params import ParamsError, load_section
-from scratchgpt.pretrain import PretrainParams, PretrainPaths, run_pretrain
-from scratchgpt.stage import StageError
-from scratchgpt.training import CheckpointMismatchError, NonFiniteLossError
+from scratchgpt.data.datasets import SampleParams
+from scratchgpt.pipeline.pretrain import PretrainParams, PretrainPaths, run_pretrain
+from scratchgpt.pipeline.stage import StageError
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.train import distributed
+from scratchgpt.train.state import CheckpointMismatchError
+from scratchgpt.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("stages.pretrain")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, stop_group, wait_healthy, write_tiny_params
 
-from scratchgpt.sources import SOURCES
+from scratchgpt.data.sources import SOURCES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

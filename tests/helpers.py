@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import os
@@ -16,6 +17,49 @@ from types import ModuleType
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "scratchgpt"
+
+
+def module_file(name: str) -> Path | None:
+    """The file of the scratchgpt module `name` (dotted), or None when it is no module of ours."""
+    parts = name.split(".")
+    if parts[0] != "scratchgpt":
+        return None
+    path = PACKAGE.joinpath(*parts[1:])
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """The files of the scratchgpt modules that `path` imports anywhere in its body (lazy imports too).
+
+    `from scratchgpt.a import b` counts `scratchgpt.a.b` when that is a module, else `scratchgpt.a`;
+    a package's `__init__` (which holds only a docstring) counts only where it is imported as such.
+    Imports under `if TYPE_CHECKING:` run no code and do not count.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            subs = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [sub if module_file(sub) else node.module for sub in subs]
+        else:
+            continue
+        found |= {f for f in map(module_file, names) if f is not None}
+    return found
 
 
 def load_stage(name: str) -> ModuleType:

@@ -4,14 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from scratchgpt.checkpoint import (
-    CheckpointError,
-    load_book_state_dict,
-    load_hf_gpt2,
-    load_model,
-    save_model,
-)
-from scratchgpt.model import GPTConfig, GPTModel
+from scratchgpt.nn.checkpoint import CheckpointError, load_book_state_dict, load_hf_gpt2, load_model, save_model
+from scratchgpt.nn.model import GPTConfig, GPTModel
 
 CFG = GPTConfig(vocab_size=113, context_length=20, emb_dim=48, n_heads=4, n_layers=3, drop_rate=0.0)
 
@@ -161,7 +155,7 @@ def test_hf_loader_refuses_our_own_checkpoint_and_points_to_load_model(tmp_path,
     with pytest.raises(CheckpointError) as info:
         load_hf_gpt2(path)
     assert "is a scratchgpt checkpoint" in str(info.value)
-    assert f"scratchgpt.checkpoint.load_model('{tmp_path / 'ckpt'}')" in str(info.value)
+    assert f"scratchgpt.nn.checkpoint.load_model('{tmp_path / 'ckpt'}')" in str(info.value)
 
 
 # --- parity with the book's own GPTModel (llms-from-scratch) -----------------------------------

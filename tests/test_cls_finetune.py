@@ -1,5 +1,5 @@
 """The lora-cls-finetune stage (spam classifier): data and padding, the three modes, outputs, the
-`scratchgpt.classify` command, clear errors before any work, and a SIGKILL mid-run resumed exactly."""
+`scratchgpt.apps.classify` command, clear errors before any work, and a SIGKILL mid-run resumed exactly."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import torch
 import yaml
 from helpers import load_stage
 
-from scratchgpt.checkpoint import read_safetensors, save_model
-from scratchgpt.classify import (
+from scratchgpt.apps.classify import (
     ClassificationDataset,
     ClassifierInfo,
     attach_head,
@@ -28,12 +27,13 @@ from scratchgpt.classify import (
     load_classifier,
     pad_collate,
 )
-from scratchgpt.cls_finetune import LABELS, ClsParams, build_model
-from scratchgpt.datasets import build_spam_table, split_spam
-from scratchgpt.lora import count_parameters, merge_lora
-from scratchgpt.losses import classification_logits
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.data.datasets import build_spam_table, split_spam
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import read_safetensors, save_model
+from scratchgpt.nn.lora import count_parameters, merge_lora
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.lora_cls_finetune import LABELS, ClsParams, build_model
+from scratchgpt.train.losses import classification_logits
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = GPTConfig(vocab_size=50257, context_length=48, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
@@ -48,8 +48,8 @@ TINY = {
 @pytest.fixture(scope="module")
 def spam_splits(tmp_path_factory, mirror_dir: Path) -> Path:
     """Small, balanced train/val/test splits of the real SMS collection, as sample-to-parquet writes them."""
-    from scratchgpt.download import extract_member
-    from scratchgpt.sources import SOURCES
+    from scratchgpt.data.download import extract_member
+    from scratchgpt.data.sources import SOURCES
 
     out = tmp_path_factory.mktemp("spam")
     source = SOURCES["sms-spam-collection"]
@@ -218,7 +218,7 @@ def test_classify_command_reads_arguments_stdin_and_files(workdir: Path):
     set_cls(workdir, {"mode": "last-block"})
     run_stage()
     model_dir = str(workdir / "models" / "spam-classifier")
-    cmd = [sys.executable, "-m", "scratchgpt.classify", "--model", model_dir]
+    cmd = [sys.executable, "-m", "scratchgpt.apps.classify", "--model", model_dir]
     args = subprocess.run([*cmd, "Free entry! Text WIN now", "lunch?"], capture_output=True, text=True, check=True)
     lines = args.stdout.splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in LABELS for line in lines)
@@ -301,7 +301,7 @@ def test_lora_fine_tuning_killed_mid_run_resumes_to_identical_weights(workdir: P
 
 
 def test_book_preset_is_chapter_6():
-    from scratchgpt.params import from_dict
+    from scratchgpt.plumbing.params import from_dict
     from scratchgpt.presets import apply_preset, load_preset, validate
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, write_tiny_params
 
-from scratchgpt import compare, orchestration, tracking
+from scratchgpt import compare, orchestration
 from scratchgpt.compare import CompareError
+from scratchgpt.plumbing import tracking
 
 EXPERIMENT = "compare-unit"
 CLS = "lora-cls-finetune"

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-from scratchgpt import corpus
-from scratchgpt.corpus import (
+from scratchgpt.data import corpus
+from scratchgpt.data.corpus import (
     CorpusError,
     TokenizeParams,
     corpus_metadata,
@@ -23,8 +23,8 @@ from scratchgpt.corpus import (
     safe_cut,
     token_dtype,
 )
-from scratchgpt.params import ParamsError, from_dict
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.plumbing.params import ParamsError, from_dict
 
 EOT = "<|endoftext|>"
 

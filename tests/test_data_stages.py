@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import load_stage
 
-from scratchgpt.datasets import TokenWindowDataset
+from scratchgpt.data.datasets import TokenWindowDataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ from llms_from_scratch.ch06 import create_balanced_dataset, random_split
 from llms_from_scratch.ch07 import format_input
 from torch.utils.data import DataLoader
 
-from scratchgpt.corpus import CorpusError
-from scratchgpt.datasets import (
+from scratchgpt.data.corpus import CorpusError
+from scratchgpt.data.datasets import (
     DatasetError,
     SampleParams,
     TokenWindowDataset,
@@ -35,8 +35,8 @@ from scratchgpt.datasets import (
     write_pretrain_windows,
     write_windows,
 )
-from scratchgpt.params import ParamsError, from_dict
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.plumbing.params import ParamsError, from_dict
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from scratchgpt.checkpoint import read_safetensors
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.training import WEIGHTS_FILE, TrainConfig, Trainer, read_trainer_state, seed_everything
+from scratchgpt.nn.checkpoint import read_safetensors
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.state import WEIGHTS_FILE, read_trainer_state, seed_everything
+from scratchgpt.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +32,12 @@ CHILD = textwrap.dedent(
     import json, os, sys
     import torch
     from torch.utils.data import TensorDataset
-    from scratchgpt.losses import lm_loss
-    from scratchgpt.model import GPTConfig, GPTModel
-    from scratchgpt.training import Callback, TrainConfig, Trainer, seed_everything
+    from scratchgpt.train.losses import lm_loss
+    from scratchgpt.nn.model import GPTConfig, GPTModel
+    from scratchgpt.train.callbacks import Callback
+    from scratchgpt.train.config import TrainConfig
+    from scratchgpt.train.trainer import Trainer
+    from scratchgpt.train.state import seed_everything
 
     def windows(n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -124,7 +129,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path:
 LAUNCHED = textwrap.dedent(
     """
     import logging, os, sys
-    from scratchgpt import distributed
+    from scratchgpt.train import distributed
     logging.basicConfig(level=logging.INFO)
     distributed.launch(int(sys.argv[1]))
     line = f"rank {os.environ.get('RANK', '-')} of {os.environ.get('WORLD_SIZE', '-')} {sys.argv[1:]}\\n"
@@ -148,8 +153,8 @@ def test_launch_reruns_the_script_under_torchrun_with_nproc_processes(tmp_path: 
     one = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60, env=env)
     assert one.stdout.strip() == "rank - of - ['1']"
 
-    from scratchgpt.distributed import launch
-    from scratchgpt.params import ParamsError
+    from scratchgpt.plumbing.params import ParamsError
+    from scratchgpt.train.distributed import launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     launch(1)  # a hand-started torchrun: nproc 1 takes what it gives

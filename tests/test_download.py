@@ -17,7 +17,7 @@ import pytest
 import yaml
 from http_server import FileServer, Route
 
-from scratchgpt.download import (
+from scratchgpt.data.download import (
     ChecksumError,
     DownloadError,
     DownloadParams,
@@ -30,8 +30,8 @@ from scratchgpt.download import (
     metrics,
     mirror_from_env,
 )
-from scratchgpt.params import ParamsError, from_dict
-from scratchgpt.sources import SOURCES, Source
+from scratchgpt.data.sources import SOURCES, Source
+from scratchgpt.plumbing.params import ParamsError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = {"the-verdict.txt", "SMSSpamCollection", "instruction-data.json", "vocab.bpe", "encoder.json"}

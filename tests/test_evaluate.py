@@ -16,12 +16,12 @@ import yaml
 from helpers import load_stage
 from ollama_server import FakeOllama, Reply, Status
 
-from scratchgpt.checkpoint import save_model
-from scratchgpt.datasets import build_instruction_table
-from scratchgpt.evaluate import EvaluateParams, exact_match, normalize, rouge_l
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.params import ParamsError, from_dict
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.data.datasets import build_instruction_table
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import save_model
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.evaluate import EvaluateParams, exact_match, normalize, rouge_l
+from scratchgpt.plumbing.params import ParamsError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(vocab_size=50257, context_length=96, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
@@ -89,8 +89,8 @@ def run_stage() -> None:
 def expected_response_loss(work: Path) -> float:
     """Cross-entropy over every response target (and the end-of-text after it) of the four examples in one
     batch, computed here from the model's logits without the stage's collate."""
-    from scratchgpt.checkpoint import load_model
-    from scratchgpt.instruct import InstructionDataset
+    from scratchgpt.apps.instruct import InstructionDataset
+    from scratchgpt.nn.checkpoint import load_model
 
     model = load_model(work / "models" / "instruct")
     ds = InstructionDataset(work / "data" / "processed" / "instruct" / "test.parquet")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from scratchgpt.fileio import atomic_dir, atomic_path, sha256_file, write_json, write_text
+from scratchgpt.plumbing.fileio import atomic_dir, atomic_path, sha256_file, write_json, write_text
 
 
 def test_atomic_path_leaves_nothing_on_error_and_keeps_the_old_file(tmp_path):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from scratchgpt.generate import generate, generate_batch, generate_stream, next_token
-from scratchgpt.model import GPTConfig, GPTModel
+from scratchgpt.nn.generate import generate, generate_batch, generate_stream, next_token
+from scratchgpt.nn.model import GPTConfig, GPTModel
 
 CFG = GPTConfig(vocab_size=101, context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 

@@ -16,13 +16,13 @@ import torch
 import yaml
 from helpers import load_stage
 
-from scratchgpt.chat import stream_response
-from scratchgpt.checkpoint import load_model, read_safetensors, save_model
-from scratchgpt.datasets import build_instruction_table, split_instructions
-from scratchgpt.generate import generate_batch
-from scratchgpt.instruct import InstructionDataset, extract_response, instruction_collate
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.apps.chat import stream_response
+from scratchgpt.apps.instruct import InstructionDataset, extract_response, instruction_collate
+from scratchgpt.data.datasets import build_instruction_table, split_instructions
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import load_model, read_safetensors, save_model
+from scratchgpt.nn.generate import generate_batch
+from scratchgpt.nn.model import GPTConfig, GPTModel
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = GPTConfig(vocab_size=50257, context_length=192, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
@@ -132,7 +132,7 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
     pieces = list(stream_response(model, tok, test.records[0]["instruction"], test.records[0]["input"],
                                   max_new_tokens=8))  # fmt: skip
     assert "".join(pieces) == responses[0]["model_response"]
-    cmd = [sys.executable, "-m", "scratchgpt.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
+    cmd = [sys.executable, "-m", "scratchgpt.apps.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
     once = subprocess.run([*cmd, "--once", test.records[0]["instruction"], "--input", test.records[0]["input"]],
                           capture_output=True, text=True, check=True, cwd=workdir)  # fmt: skip
     assert once.stdout == "".join(pieces) + "\n"
@@ -178,8 +178,8 @@ def test_empty_split_fails_before_any_work(workdir: Path, caplog):
 
 
 def test_book_preset_is_chapter_7():
-    from scratchgpt.instruct_finetune import InstructParams
-    from scratchgpt.params import from_dict
+    from scratchgpt.pipeline.instruct_finetune import InstructParams
+    from scratchgpt.plumbing.params import from_dict
     from scratchgpt.presets import apply_preset, load_preset, validate
 
     merged = apply_preset(yaml.safe_load((REPO / "params.yaml").read_text()), load_preset("book", REPO / "presets"))

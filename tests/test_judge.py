@@ -8,7 +8,7 @@ import time
 import pytest
 from ollama_server import FakeOllama, Reply, Slow, Status
 
-from scratchgpt.judge import (
+from scratchgpt.pipeline.judge import (
     MAX_CONSECUTIVE_FAILURES,
     JudgeError,
     OllamaJudge,

@@ -16,11 +16,11 @@ import yaml
 from helpers import load_stage
 from http_server import FileServer, Route
 
-from scratchgpt.checkpoint import load_model, save_model
-from scratchgpt.datasets import write_pretrain_windows
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.pretrained import OFFICIAL, official_source
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.data.datasets import write_pretrain_windows
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import load_model, save_model
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.load_gpt2 import OFFICIAL, official_source
 
 REPO = Path(__file__).resolve().parents[1]
 HF_SIZES = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}

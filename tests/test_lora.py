@@ -1,4 +1,4 @@
-"""LoRA (scratchgpt.lora): the book's parameter count, parity with the book's layer, training, merging,
+"""LoRA (scratchgpt.nn.lora): the book's parameter count, parity with the book's layer, training, merging,
 adapter-only state dicts, validation."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from llms_from_scratch.appendix_e import LinearWithLoRA, replace_linear_with_lor
 from torch import nn
 from torch.nn import functional as F
 
-from scratchgpt.checkpoint import load_model, save_model
-from scratchgpt.lora import (
+from scratchgpt.nn.checkpoint import load_model, save_model
+from scratchgpt.nn.lora import (
     LoRALinear,
     apply_lora,
     count_parameters,
@@ -23,8 +23,8 @@ from scratchgpt.lora import (
     merge_lora,
     trainable_parameters,
 )
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.optim import build_adamw
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.train.optim import build_adamw
 
 TINY = GPTConfig(vocab_size=61, context_length=12, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 BLOCK_LINEARS = ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0", "ff.layers.2"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from scratchgpt.orchestration import read_stages
-from scratchgpt.params import flatten
+from scratchgpt.plumbing.params import flatten
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from http_server import FileServer, Route
 
-from scratchgpt import mirror as mirror_module
-from scratchgpt.download import ChecksumError, DownloadParams, download_source
-from scratchgpt.mirror import build_mirror
-from scratchgpt.sources import SOURCES, Source
+from scratchgpt.data import mirror as mirror_module
+from scratchgpt.data.download import ChecksumError, DownloadParams, download_source
+from scratchgpt.data.mirror import build_mirror
+from scratchgpt.data.sources import SOURCES, Source
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = b"every effort moves you\n" * 500
@@ -110,7 +110,7 @@ def test_command_mirrors_the_real_sources(tmp_path: Path, mirror_dir: Path, monk
 
 
 def test_command_help_and_bad_source() -> None:
-    run = [sys.executable, "-m", "scratchgpt.mirror"]
+    run = [sys.executable, "-m", "scratchgpt.data.mirror"]
     result = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "usage: python -m scratchgpt.mirror" in result.stdout
     assert "SCRATCHGPT_MIRROR=DIR" in result.stdout

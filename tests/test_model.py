@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from scratchgpt.model import PRESETS, GPTConfig, GPTModel, MultiHeadAttention
+from scratchgpt.nn.model import PRESETS, GPTConfig, GPTModel, MultiHeadAttention
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 

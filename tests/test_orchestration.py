@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from scratchgpt import orchestration as orch
-from scratchgpt.params import ParamsError, flatten, read_params
+from scratchgpt.plumbing.params import ParamsError, flatten, read_params
 
 REPO = Path(__file__).resolve().parents[1]
 

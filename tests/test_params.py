@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, check_str
+from scratchgpt.plumbing.params import check_bool, check_choice, check_int, check_number, check_ratio, check_str
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,6 @@ def test_check_choice_bool_and_str():
 
 def test_params_module_stays_light():
     """params.py is imported by every dataclass module: it must not pull in torch."""
-    code = "import sys, scratchgpt.params; print('torch' in sys.modules)"
+    code = "import sys, scratchgpt.plumbing.params; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -1,4 +1,4 @@
-"""scratchgpt.plots: DVC plot CSVs and book-style PNGs, written atomically."""
+"""scratchgpt.plumbing.plots: DVC plot CSVs and book-style PNGs, written atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from scratchgpt.plots import plot_bars, plot_losses, plot_metric, write_plot_csv
+from scratchgpt.plumbing.plots import plot_bars, plot_losses, plot_metric, write_plot_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

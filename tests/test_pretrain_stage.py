@@ -18,13 +18,13 @@ import pytest
 import yaml
 from helpers import load_stage
 
-from scratchgpt.checkpoint import load_model
-from scratchgpt.datasets import SampleParams, write_pretrain_windows
-from scratchgpt.params import ParamsError, flatten, from_dict, load_section
+from scratchgpt.data.datasets import SampleParams, write_pretrain_windows
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import load_model
+from scratchgpt.pipeline.pretrain import PretrainParams, check_params
+from scratchgpt.plumbing.params import ParamsError, flatten, from_dict, load_section
 from scratchgpt.presets import apply_preset, load_preset, set_args, validate
-from scratchgpt.pretrain import PretrainParams, check_params
-from scratchgpt.tokenizer import gpt2_tokenizer
-from scratchgpt.training import read_trainer_state
+from scratchgpt.train.state import read_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 # Short windows far apart keep the CPU work small: 73 training windows of 16 tokens, 64 tokens apart,
@@ -284,7 +284,7 @@ def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(
     locked = lock["params"]["params.yaml"]
     assert locked["sample.max_length"] == MAX_LENGTH
     assert locked["pretrain"]["preset"] == "tiny" and locked["pretrain"]["train"]["betas"] == [0.9, 0.99]
-    # DVC writes 1e-07, which PyYAML reads as a string; scratchgpt.params.parse_yaml reads a float
+    # DVC writes 1e-07, which PyYAML reads as a string; scratchgpt.plumbing.params.parse_yaml reads a float
     assert str(locked["pretrain"]["train"]["eps"]) == "1e-07"
     assert {o["path"] for o in lock["outs"]} >= {"models/pretrain", "plots/pretrain_loss.csv", "metrics/pretrain.json"}
     metrics = json.loads((repo / "metrics" / "pretrain.json").read_text())
@@ -323,6 +323,6 @@ def test_a_code_change_dvc_sees_retrains_from_scratch_and_no_change_is_a_no_op(d
     out = run("dvc", "repro", "pretrain")
     assert "Running stage 'pretrain'" in out
     assert "not reusing the checkpoint in models/pretrain" in out
-    assert "user.code.src/scratchgpt/datasets.py" in out and "resuming from" not in out
+    assert "user.code.src/scratchgpt/data/datasets.py" in out and "resuming from" not in out
     again = json.loads((repo / "metrics" / "pretrain.json").read_text())
     assert again["session_steps"] == again["steps"] == 9

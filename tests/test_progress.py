@@ -1,4 +1,4 @@
-"""`TQDM_DISABLE` silences every progress bar of the project (scratchgpt.progress)."""
+"""`TQDM_DISABLE` silences every progress bar of the project (scratchgpt.plumbing.progress)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from scratchgpt.corpus import encode_corpus
-from scratchgpt.progress import progress_bar
+from scratchgpt.data.corpus import encode_corpus
+from scratchgpt.plumbing.progress import progress_bar
 
 REPO = Path(__file__).resolve().parents[1]
 

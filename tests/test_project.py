@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scratchgpt.model import PRESETS, GPTConfig
+from scratchgpt.nn.model import PRESETS, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = sorted(
@@ -32,8 +32,8 @@ def test_every_entry_point_has_help(script):
 
 
 MODULE_ENTRY_POINTS = sorted(
-    f"scratchgpt.{p.stem}"
-    for p in (REPO / "src" / "scratchgpt").glob("*.py")
+    ".".join(p.relative_to(REPO / "src").with_suffix("").parts)
+    for p in (REPO / "src" / "scratchgpt").rglob("*.py")
     if '__name__ == "__main__"' in p.read_text(encoding="utf-8")
 )
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from scratchgpt.fileio import sha256_file
 from scratchgpt.orchestration import read_stages
+from scratchgpt.plumbing.fileio import sha256_file
 
 pytestmark = pytest.mark.slow
 

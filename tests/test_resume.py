@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import read_safetensors
-from scratchgpt.training import STATE_FILE, WEIGHTS_FILE, find_checkpoint, read_trainer_state
+from scratchgpt.nn.checkpoint import read_safetensors
+from scratchgpt.train.state import STATE_FILE, WEIGHTS_FILE, find_checkpoint, read_trainer_state
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,12 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys, time
     import torch
     from torch.utils.data import Dataset
-    from scratchgpt.losses import lm_loss
-    from scratchgpt.model import GPTConfig, GPTModel
-    from scratchgpt.training import Callback, Trainer, TrainConfig, save_weights, seed_everything
+    from scratchgpt.train.losses import lm_loss
+    from scratchgpt.nn.model import GPTConfig, GPTModel
+    from scratchgpt.train.callbacks import Callback
+    from scratchgpt.train.trainer import Trainer
+    from scratchgpt.train.config import TrainConfig
+    from scratchgpt.train.state import save_weights, seed_everything
 
     out, log_path, kill_in_save_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 

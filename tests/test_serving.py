@@ -23,15 +23,23 @@ from helpers import free_port, load_stage, stop_group, wait_healthy
 from test_cls_finetune import set_cls, spam_splits, workdir  # noqa: F401  (fixtures: the stage's tiny project)
 from test_stage_deps import import_closure
 
-from scratchgpt import serving, tracking
-from scratchgpt.checkpoint import load_model, save_model
-from scratchgpt.classify import PAD_ID, ClassifierInfo, attach_head, load_classifier, predict_proba, save_classifier
-from scratchgpt.datasets import format_prompt
-from scratchgpt.generate import generate_batch
-from scratchgpt.instruct import END_OF_TEXT, extract_response
-from scratchgpt.instruct_finetune import InstructParams, InstructPaths, save_instruct_model
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.apps import serving
+from scratchgpt.apps.classify import (
+    PAD_ID,
+    ClassifierInfo,
+    attach_head,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+)
+from scratchgpt.apps.instruct import END_OF_TEXT, extract_response
+from scratchgpt.data.datasets import format_prompt
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.checkpoint import load_model, save_model
+from scratchgpt.nn.generate import generate_batch
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.pipeline.instruct_finetune import InstructParams, InstructPaths, save_instruct_model
+from scratchgpt.plumbing import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)

@@ -1,54 +1,37 @@
 """dvc.yaml lists, for every stage, exactly the project code the stage's script runs.
 
 A training stage's checkpoint fingerprint hashes the `.py` deps dvc.yaml lists for it
-(`scratchgpt.stage.code_digest`), so a module missing there would let DVC skip a needed rerun,
+(`scratchgpt.pipeline.stage.code_digest`), so a module missing there would let DVC skip a needed rerun,
 or let a rerun resume a checkpoint the old code made. The import graph is read statically (every
 `import`, at any depth in a module, counts), so lazily imported modules are included.
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import imported_modules
 
-from scratchgpt.stage import StageError, code_deps, code_digest
+from scratchgpt.pipeline.stage import StageError, code_deps, code_digest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "scratchgpt"
-# The package's __init__ holds only the version string: a version bump must not retrain the pipeline.
-NOT_CODE_DEPS = {"src/scratchgpt/__init__.py"}
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Names of scratchgpt modules that `path` imports anywhere in its body."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "scratchgpt" and len(parts) >= 2 and (PACKAGE / f"{parts[1]}.py").is_file():
-                found.add(parts[1])
-    return found
+# The packages' __init__ files hold only a docstring (and the root's the version; tests/test_layout.py checks
+# it): a version bump or a reworded package docstring must not retrain the pipeline.
+NOT_CODE_DEPS = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("__init__.py")}
 
 
 def import_closure(script: Path) -> set[str]:
     """Repository-relative paths of the project modules `script` runs, transitively."""
     todo, seen = [script], set()
     while todo:
-        path = todo.pop()
-        for module in _imported_modules(path):
+        for module in imported_modules(todo.pop()):
             if module not in seen:
                 seen.add(module)
-                todo.append(PACKAGE / f"{module}.py")
-    return {str(script.relative_to(REPO))} | {f"src/scratchgpt/{m}.py" for m in seen}
+                todo.append(module)
+    return {str(script.relative_to(REPO))} | {str(m.relative_to(REPO)) for m in seen}
 
 
 def stages() -> dict[str, dict]:
@@ -68,7 +51,7 @@ def test_dvc_yaml_code_deps_are_exactly_what_the_stage_imports(stage: str):
 def test_the_fingerprint_hashes_exactly_the_code_dvc_watches(tmp_path: Path):
     digest = code_digest("pretrain", REPO)
     assert set(digest) == set(code_deps("pretrain", REPO))
-    assert "src/scratchgpt/datasets.py" in digest and "stages/pretrain.py" in digest
+    assert "src/scratchgpt/data/datasets.py" in digest and "stages/pretrain.py" in digest
 
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python s.py\n    deps: [s.py, data]\n")
     (tmp_path / "s.py").write_text("print(1)\n")
@@ -83,4 +66,4 @@ def test_the_fingerprint_hashes_exactly_the_code_dvc_watches(tmp_path: Path):
 
 
 def test_the_closure_finds_lazy_imports(tmp_path: Path):
-    assert "src/scratchgpt/generate.py" in import_closure(REPO / "stages" / "pretrain.py")
+    assert "src/scratchgpt/nn/generate.py" in import_closure(REPO / "stages" / "pretrain.py")

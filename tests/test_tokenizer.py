@@ -12,8 +12,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from scratchgpt import tokenizer as tk
-from scratchgpt.tokenizer import SimpleTokenizer, VocabFileError, gpt2_tokenizer
+from scratchgpt.data import tokenizer as tk
+from scratchgpt.data.tokenizer import SimpleTokenizer, VocabFileError, gpt2_tokenizer
 
 BOOK_TEXT = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
 BOOK_IDS = [

@@ -1,4 +1,4 @@
-"""scratchgpt.tracking against a real MLflow SQLite store (one store per module: a new DB costs ~2 s)."""
+"""scratchgpt.plumbing.tracking against a real MLflow SQLite store (one store per module: a new DB costs ~2 s)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scratchgpt import tracking
-from scratchgpt.tracking import StageRun, flatten_params, pipeline_run, project_root, stage_run
+from scratchgpt.plumbing import tracking
+from scratchgpt.plumbing.tracking import StageRun, flatten_params, pipeline_run, project_root, stage_run
 
 _ENV = (
     "MLFLOW_TRACKING_URI",
@@ -347,7 +347,7 @@ def test_disabled_run_is_a_noop_that_creates_nothing(tmp_path, monkeypatch):
 CHILD = textwrap.dedent(
     """
     import sys
-    from scratchgpt.tracking import stage_run
+    from scratchgpt.plumbing.tracking import stage_run
     with stage_run("pretrain", {"lr": 0.1}, preset="cpu") as run:
         run.log_metrics({"val_loss": 6.4}, step=7)
         run.log_text("sample", "samples/end.txt")

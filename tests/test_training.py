@@ -17,26 +17,25 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from scratchgpt.checkpoint import load_model
-from scratchgpt.distributed import DistInfo
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.optim import lr_at, param_groups
-from scratchgpt.params import ParamsError, from_dict, parse_yaml
-from scratchgpt.training import (
+from scratchgpt.nn.checkpoint import load_model
+from scratchgpt.nn.generate import text_sampler
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.plumbing.params import ParamsError, from_dict, parse_yaml
+from scratchgpt.train.callbacks import Callback
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.distributed import DistInfo
+from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.optim import lr_at, param_groups
+from scratchgpt.train.state import (
     STATE_FILE,
-    Callback,
     CheckpointMismatchError,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
     epoch_order,
     find_checkpoint,
     rank_batches,
     read_trainer_state,
     seed_everything,
-    text_sampler,
 )
+from scratchgpt.train.trainer import NonFiniteLossError, Trainer
 
 TINY = GPTConfig(vocab_size=61, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1)
 
@@ -432,7 +431,7 @@ def test_state_loads_with_weights_only(tmp_path):
 
 FAULTS_SCRIPT = """
 import json, resource, torch
-from scratchgpt.memory import keep_freed_memory
+from scratchgpt.train.memory import keep_freed_memory
 
 def faults_for_big_allocations():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -453,7 +452,7 @@ print(json.dumps({"default": default, "kept": kept}))
 def test_keep_freed_memory_stops_glibc_from_unmapping_big_buffers():
     """Page faults of five 64 MiB tensors, in a fresh process: glibc's heap state is process-wide, and what
     earlier tests allocated and freed (and their mallopt calls) would change the default's count."""
-    from scratchgpt.memory import glibc_mallopt
+    from scratchgpt.train.memory import glibc_mallopt
 
     if glibc_mallopt() is None:
         pytest.skip("glibc only")

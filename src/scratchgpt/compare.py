@@ -18,7 +18,7 @@ Outputs, in --out (default reports/compare/, replaced as a whole): comparison.md
 throughput, MLflow run ids), val_loss_<stage>.png (the step-wise validation loss of each entry,
 overlaid, per training stage) and cls_accuracy.png (classifier test accuracy by fine-tuning mode).
 The table is also printed. Unless --no-log, the outputs are logged as artifacts of a new MLflow run
-tagged `scratchgpt_comparison` (never compared itself). The store is `scratchgpt.tracking`'s
+tagged `scratchgpt_comparison` (never compared itself). The store is `scratchgpt.plumbing.tracking`'s
 (MLFLOW_TRACKING_URI, else the project's mlflow.db; --tracking-uri overrides it).
 """
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scratchgpt import cli, fileio, plots, tracking
+from scratchgpt.plumbing import cli, fileio, plots, tracking
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from scratchgpt.params import ParamsError, flatten, from_dict, parse_yaml, read_params
+from scratchgpt.plumbing.params import ParamsError, flatten, from_dict, parse_yaml, read_params
 from scratchgpt.presets import apply_preset, validate, yaml_value
 
 LOCK_FILE = Path(".dvc") / "tmp" / "scratchgpt-pipeline.lock"
@@ -193,8 +193,8 @@ def resolve_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -
 
 def _validate(params: dict[str, Any]) -> None:
     """`scratchgpt.presets.validate`, and the two sections it leaves out (download, tokenize)."""
-    from scratchgpt.corpus import TokenizeParams
-    from scratchgpt.download import DownloadParams
+    from scratchgpt.data.corpus import TokenizeParams
+    from scratchgpt.data.download import DownloadParams
 
     validate(params)
     from_dict(DownloadParams, params.get("download"), "download")

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from scratchgpt import cli
-from scratchgpt.params import ParamsError, flatten, from_dict, read_params
+from scratchgpt.plumbing import cli
+from scratchgpt.plumbing.params import ParamsError, flatten, from_dict, read_params
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ def apply_preset(params: dict[str, Any], preset: dict[str, Any], where: str = ""
 
 def validate(params: dict[str, Any]) -> None:
     """Validate the sections a preset may touch, and the pretrain/sample cross-checks."""
-    from scratchgpt.cls_finetune import ClsParams
-    from scratchgpt.datasets import SampleParams
-    from scratchgpt.evaluate import EvaluateParams
-    from scratchgpt.instruct_finetune import InstructParams
-    from scratchgpt.pretrain import PretrainParams, check_params
-    from scratchgpt.pretrained import LoadGPT2Params
+    from scratchgpt.data.datasets import SampleParams
+    from scratchgpt.pipeline.evaluate import EvaluateParams
+    from scratchgpt.pipeline.instruct_finetune import InstructParams
+    from scratchgpt.pipeline.load_gpt2 import LoadGPT2Params
+    from scratchgpt.pipeline.lora_cls_finetune import ClsParams
+    from scratchgpt.pipeline.pretrain import PretrainParams, check_params
 
     sample = from_dict(SampleParams, params.get("sample"), "sample")
     pretrain = from_dict(PretrainParams, params.get("pretrain"), "pretrain")

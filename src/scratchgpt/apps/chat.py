@@ -20,11 +20,13 @@ from typing import TextIO
 
 import torch
 
-from scratchgpt import checkpoint, cli, distributed
-from scratchgpt.generate import generate_stream
-from scratchgpt.instruct import END_OF_TEXT, RESPONSE_HEADER, encode_prompt, extract_response
-from scratchgpt.model import GPTModel
-from scratchgpt.tokenizer import gpt2_tokenizer
+from scratchgpt.apps.instruct import END_OF_TEXT, RESPONSE_HEADER, encode_prompt, extract_response
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn import checkpoint
+from scratchgpt.nn.generate import generate_stream
+from scratchgpt.nn.model import GPTModel
+from scratchgpt.plumbing import cli
+from scratchgpt.train import distributed
 
 
 def stream_response(

@@ -26,11 +26,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from scratchgpt import checkpoint, cli, distributed, fileio
-from scratchgpt.datasets import DatasetError
-from scratchgpt.losses import classification_logits
-from scratchgpt.model import GPTConfig, GPTModel
-from scratchgpt.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
+from scratchgpt.data.datasets import DatasetError
+from scratchgpt.data.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
+from scratchgpt.nn import checkpoint
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.plumbing import cli, fileio
+from scratchgpt.train import distributed
+from scratchgpt.train.losses import classification_logits
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class ClassifierInfo:
     labels: tuple[str, ...]
     """Class names in output order (ham, spam)."""
     pool: str
-    """last-token | last-position (see scratchgpt.losses.POOLS)."""
+    """last-token | last-position (see scratchgpt.train.losses.POOLS)."""
     max_length: int
     """Texts are truncated to this many tokens."""
     pad_to: int | None
@@ -113,7 +115,7 @@ def save_classifier(model: GPTModel, directory: str | os.PathLike[str], info: Cl
                     vocab_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
     """Write the classifier (merged weights, config.json, the vocabulary) as one atomic directory."""
     if any(name.endswith((".A", ".B")) for name, _ in model.named_parameters()):
-        raise ValueError("merge the LoRA layers (scratchgpt.lora.merge_lora) before saving the classifier")
+        raise ValueError("merge the LoRA layers (scratchgpt.nn.lora.merge_lora) before saving the classifier")
     with fileio.atomic_dir(directory) as tmp:
         checkpoint.save_model(model, tmp, extra={"classifier": dataclasses.asdict(info), **(extra or {})})
         for name in (VOCAB_BPE, ENCODER_JSON):

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from scratchgpt.datasets import DatasetError, format_prompt
-from scratchgpt.generate import generate_batch
-from scratchgpt.model import GPTModel
+from scratchgpt.data.datasets import DatasetError, format_prompt
+from scratchgpt.nn.generate import generate_batch
+from scratchgpt.nn.model import GPTModel
 
 log = logging.getLogger(__name__)
 

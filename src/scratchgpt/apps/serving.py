@@ -38,11 +38,12 @@ import mlflow.pyfunc
 import pandas as pd
 
 import scratchgpt
-from scratchgpt import checkpoint, distributed
-from scratchgpt.classify import label_texts, load_classifier
-from scratchgpt.instruct import answer_prompts, encode_prompt
-from scratchgpt.tokenizer import gpt2_tokenizer
-from scratchgpt.tracking import StageRun
+from scratchgpt.apps.classify import label_texts, load_classifier
+from scratchgpt.apps.instruct import answer_prompts, encode_prompt
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn import checkpoint
+from scratchgpt.plumbing.tracking import StageRun
+from scratchgpt.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ INSTRUCT_NAME = "instruct"
 ENV_REGISTER = "SCRATCHGPT_REGISTER"
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 ARTIFACT = "model_dir"  # the key of the stage's model directory among the MLflow model's artifacts
-# The distributions the wrappers import (scratchgpt.serving and what it imports; tests/test_serving.py
+# The distributions the wrappers import (scratchgpt.apps.serving and what it imports; tests/test_serving.py
 # checks the list against a real load-and-predict). Pinned to the installed versions when logged.
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "tiktoken", "tqdm", "PyYAML")
 # What `metrics/cls.json` and `metrics/instruct.json` headline: the version tags and description.
@@ -65,7 +66,7 @@ INSTRUCT_CONFIG = {"device": "auto", "batch_size": 16}
 
 class SpamClassifier(mlflow.pyfunc.PythonModel):
     """Texts (column `text`) in; `label` (ham | spam) and its `probability` out, as `python -m
-    scratchgpt.classify` answers. model_config: `device`, `batch_size` (`CLASSIFIER_CONFIG`)."""
+    scratchgpt.apps.classify` answers. model_config: `device`, `batch_size` (`CLASSIFIER_CONFIG`)."""
 
     def load_context(self, context) -> None:
         self.device = distributed.resolve_device(context.model_config["device"])
@@ -251,7 +252,7 @@ def _save(spec: ModelSpec, model_dir: Path, tmp: Path, run_id: str, logged: Any)
     from mlflow.models import Model
 
     code = tmp / f"{spec.name.replace('-', '_')}_model.py"
-    code.write_text(f"import mlflow.models\nfrom scratchgpt.serving import {spec.wrapper.__name__}\n\n"
+    code.write_text(f"import mlflow.models\nfrom scratchgpt.apps.serving import {spec.wrapper.__name__}\n\n"
                     f"mlflow.models.set_model({spec.wrapper.__name__}())\n")  # fmt: skip
     mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
                          model_id=logged.model_id)  # fmt: skip

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
-from scratchgpt.fileio import atomic_path
-from scratchgpt.params import check_int
-from scratchgpt.progress import progress_bar
+from scratchgpt.plumbing.fileio import atomic_path
+from scratchgpt.plumbing.params import check_int
+from scratchgpt.plumbing.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ TOKEN_COLUMN = "token"
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of text per encode call: big enough to amortise, small for memory
 DEFAULT_ROW_GROUP_TOKENS = 1 << 20
 _BATCHES_IN_FLIGHT = 2
-METADATA_KEY = b"scratchgpt.corpus"  # Parquet key-value metadata: the documents and their counts
+METADATA_KEY = b"scratchgpt.data.corpus"  # Parquet key-value metadata: the documents and their counts
 
 # A safe chunk boundary: one space or newline with a non-whitespace character on both sides.
 # GPT-2's pattern (see tokenizer.GPT2_PAT_STR) never puts such a character in the same piece as

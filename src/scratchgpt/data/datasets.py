@@ -30,9 +30,9 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
-from scratchgpt.corpus import read_utf8, token_dtype
-from scratchgpt.fileio import atomic_dir, atomic_path
-from scratchgpt.params import check_int, check_ratio
+from scratchgpt.data.corpus import read_utf8, token_dtype
+from scratchgpt.plumbing.fileio import atomic_dir, atomic_path
+from scratchgpt.plumbing.params import check_int, check_ratio
 
 WINDOW_COLUMN = "window"
 # Window row groups of ~64 KiB. A random read decodes one whole group (Parquet stores a list's

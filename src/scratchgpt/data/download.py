@@ -1,6 +1,6 @@
 """Download the pipeline's source files, verified against pinned sha256 hashes.
 
-Each file in `scratchgpt.sources.SOURCES` comes either from its URL or, when `SCRATCHGPT_MIRROR=DIR`
+Each file in `scratchgpt.data.sources.SOURCES` comes either from its URL or, when `SCRATCHGPT_MIRROR=DIR`
 is set, from `DIR/<basename of its URL>`; the checks are the same either way.
 
 Where bytes go:
@@ -33,10 +33,10 @@ from typing import Any, BinaryIO
 
 import requests
 
-from scratchgpt.fileio import atomic_path, sha256_file
-from scratchgpt.params import check_int, check_number, check_str
-from scratchgpt.progress import progress_bar
-from scratchgpt.sources import SOURCES, Source
+from scratchgpt.plumbing.fileio import atomic_path, sha256_file
+from scratchgpt.plumbing.params import check_int, check_number, check_str
+from scratchgpt.plumbing.progress import progress_bar
+from scratchgpt.data.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class DownloadParams:
     """`download` section of params.yaml."""
 
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    """Source names to fetch (keys of scratchgpt.sources.SOURCES); default: all of them."""
+    """Source names to fetch (keys of scratchgpt.data.sources.SOURCES); default: all of them."""
     out_dir: str = "data/raw"
     """Directory the verified files are written to (the DVC output)."""
     partial_dir: str = "data/raw.partial"

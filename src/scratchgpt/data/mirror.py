@@ -5,7 +5,7 @@
     SCRATCHGPT_MIRROR=DIR dvc repro                     # then use it
     SCRATCHGPT_MIRROR=DIR python -m pytest
 
-DIR gets each file of `scratchgpt.sources.SOURCES` as `DIR/<basename of its URL>`, the layout that
+DIR gets each file of `scratchgpt.data.sources.SOURCES` as `DIR/<basename of its URL>`, the layout that
 `SCRATCHGPT_MIRROR` expects; an archive is stored as the archive itself. Files are fetched from their
 canonical URLs with the download stage's resuming HTTP client (an interrupted transfer waits in
 DIR/.partial/ and the next run continues it) and appear under their name only once verified: against
@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from scratchgpt import cli
-from scratchgpt.download import ChecksumError, DownloadError, DownloadParams, extract_member, fetch_url
-from scratchgpt.fileio import sha256_file
-from scratchgpt.sources import SOURCES, Source
+from scratchgpt.plumbing import cli
+from scratchgpt.data.download import ChecksumError, DownloadError, DownloadParams, extract_member, fetch_url
+from scratchgpt.plumbing.fileio import sha256_file
+from scratchgpt.data.sources import SOURCES, Source
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def build_mirror(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser(__doc__, prog="python -m scratchgpt.mirror")
+    parser = cli.parser(__doc__)
     parser.add_argument("dir", type=Path, help="the mirror directory (created if missing)")
     parser.add_argument(
         "--sources",

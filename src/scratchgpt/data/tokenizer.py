@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tiktoken
 
-from scratchgpt.sources import SOURCES
+from scratchgpt.data.sources import SOURCES
 
 ENDOFTEXT = "<|endoftext|>"
 UNK = "<|unk|>"

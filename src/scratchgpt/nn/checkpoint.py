@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from scratchgpt.fileio import atomic_path, write_json
-from scratchgpt.model import GPTConfig, GPTModel
+from scratchgpt.nn.model import GPTConfig, GPTModel
+from scratchgpt.plumbing.fileio import atomic_path, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -181,7 +181,7 @@ def load_hf_gpt2(
     if _is_ours(tensors, hf_config):
         raise CheckpointError(
             f"{path} is a scratchgpt checkpoint (written by save_model), not a Hugging Face GPT-2 one: "
-            f"load it with scratchgpt.checkpoint.load_model('{weights_file.parent}')"
+            f"load it with scratchgpt.nn.checkpoint.load_model('{weights_file.parent}')"
         )
     cfg = _config_from_hf(tensors, hf_config, drop_rate=drop_rate, n_heads=n_heads, source=weights_file)
     model = GPTModel(cfg)

@@ -7,12 +7,12 @@ same tokens even once the sequence outgrows the window.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from scratchgpt.model import GPTModel, KVCache
+from scratchgpt.nn.model import GPTModel, KVCache
 
 
 def generate(
@@ -204,3 +204,18 @@ def _check_args(
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def text_sampler(
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    start_context: str = "Every effort moves you",
+    max_new_tokens: int = 50,
+) -> Callable[[nn.Module, torch.device], str]:
+    """A `sampler` that continues `start_context` greedily with `generate`, for the `Trainer`'s `sampler` hook."""
+    def sample(model: nn.Module, device: torch.device) -> str:
+        idx = torch.tensor([encode(start_context)], dtype=torch.long, device=device)
+        out = generate(model, idx, max_new_tokens, temperature=0.0)
+        return decode(out[0].tolist())
+
+    return sample

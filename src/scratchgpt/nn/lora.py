@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from scratchgpt.model import GPTModel
+from scratchgpt.nn.model import GPTModel
 
 ADAPTER_NAMES = ("A", "B")
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from scratchgpt.fileio import write_json
-from scratchgpt.params import check_bool, check_int, check_ratio
+from scratchgpt.plumbing.fileio import write_json
+from scratchgpt.plumbing.params import check_bool, check_int, check_ratio
 
 
 @dataclass(frozen=True)

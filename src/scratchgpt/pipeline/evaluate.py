@@ -6,7 +6,7 @@
 - on the test split: the response-token loss and perplexity of models/instruct (prompt targets
   masked, as `instruction_collate(mask_prompt=True)`), and, for the responses the instruct-finetune
   stage wrote, exact match (after whitespace normalization) and ROUGE-L against the references;
-- the judge's 0-100 score of each response (`scratchgpt.judge`), when a judge is chosen;
+- the judge's 0-100 score of each response (`scratchgpt.pipeline.judge`), when a judge is chosen;
 - the pipeline's headline numbers from the other stages' metrics files (a missing file is reported,
   not fatal);
 - writes metrics/eval.json, reports/eval.md and reports/eval_scores.json, and logs one MLflow run.
@@ -28,14 +28,17 @@ from urllib.parse import urlsplit
 import torch
 from torch.utils.data import Subset
 
-from scratchgpt import checkpoint, distributed, fileio, report, stage, tracking
-from scratchgpt.datasets import INSTRUCTION_KEYS, DatasetError
-from scratchgpt.instruct import InstructionDataset, instruction_collate
-from scratchgpt.judge import JUDGES, Judgement, OllamaJudge, judge_all, summarize
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import GPTModel
-from scratchgpt.params import check_choice, check_int, check_number, check_str, flatten
-from scratchgpt.training import evaluate_dataset
+from scratchgpt.apps.instruct import InstructionDataset, instruction_collate
+from scratchgpt.data.datasets import INSTRUCTION_KEYS, DatasetError
+from scratchgpt.nn import checkpoint
+from scratchgpt.nn.model import GPTModel
+from scratchgpt.pipeline import report, stage
+from scratchgpt.pipeline.judge import JUDGES, Judgement, OllamaJudge, judge_all, summarize
+from scratchgpt.plumbing import fileio, tracking
+from scratchgpt.plumbing.params import check_choice, check_int, check_number, check_str, flatten
+from scratchgpt.train import distributed
+from scratchgpt.train.evaluation import evaluate_dataset
+from scratchgpt.train.losses import lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ def response_loss(
 
     Examples are cut to the model's context; one whose prompt fills the context has no response
     target left and is left out. The mean is over batches of per-token means, weighted by the
-    examples in each batch (`training.evaluate_dataset`). Returns the loss and the examples used.
+    examples in each batch (`train.evaluation.evaluate_dataset`). Returns the loss and the examples used.
     """
     context = model.cfg.context_length
     usable = [i for i, prompt in enumerate(test.prompts) if len(prompt) <= context]

@@ -16,13 +16,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scratchgpt import checkpoint, distributed, fileio, lora, serving, stage, tracking
-from scratchgpt.instruct import InstructionDataset, answer_prompts, instruction_collate
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import GPTModel
-from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, check_str
-from scratchgpt.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
-from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything, text_sampler
+from scratchgpt.apps import serving
+from scratchgpt.apps.instruct import InstructionDataset, answer_prompts, instruction_collate
+from scratchgpt.data.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
+from scratchgpt.nn import checkpoint, lora
+from scratchgpt.nn.generate import text_sampler
+from scratchgpt.nn.model import GPTModel
+from scratchgpt.pipeline import stage
+from scratchgpt.plumbing import fileio, tracking
+from scratchgpt.plumbing.params import check_bool, check_choice, check_int, check_number, check_ratio, check_str
+from scratchgpt.train import distributed
+from scratchgpt.train.callbacks import TrackingCallback
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.state import seed_everything
+from scratchgpt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 

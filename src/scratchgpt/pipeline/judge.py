@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from scratchgpt.datasets import format_prompt
-from scratchgpt.progress import progress_bar
+from scratchgpt.data.datasets import format_prompt
+from scratchgpt.plumbing.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,19 @@ from urllib.parse import urlsplit
 
 import torch
 
-from scratchgpt import checkpoint, distributed, fileio, stage, tracking
-from scratchgpt.datasets import TokenWindowDataset
-from scratchgpt.download import DownloadError, DownloadParams, download_source, mirror_from_env
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import GPTModel
-from scratchgpt.params import ParamsError, check_choice, check_int, check_str
-from scratchgpt.sources import Source
-from scratchgpt.tokenizer import gpt2_tokenizer
-from scratchgpt.training import evaluate_dataset, text_sampler
+from scratchgpt.data.datasets import TokenWindowDataset
+from scratchgpt.data.download import DownloadError, DownloadParams, download_source, mirror_from_env
+from scratchgpt.data.sources import Source
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn import checkpoint
+from scratchgpt.nn.generate import text_sampler
+from scratchgpt.nn.model import GPTModel
+from scratchgpt.pipeline import stage
+from scratchgpt.plumbing import fileio, tracking
+from scratchgpt.plumbing.params import ParamsError, check_choice, check_int, check_str
+from scratchgpt.train import distributed
+from scratchgpt.train.evaluation import evaluate_dataset
+from scratchgpt.train.losses import lm_loss
 
 log = logging.getLogger(__name__)
 

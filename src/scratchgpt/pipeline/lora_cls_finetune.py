@@ -1,6 +1,6 @@
 """Fine-tuning the base model into a spam classifier: the `lora-cls-finetune` stage (book ch. 6, appendix E).
 
-`ClsParams` is the `cls` section of params.yaml; `run_cls_finetune` does the whole stage: validate,
+`ClsParams` is the `cls` section of params.yaml; `run_lora_cls_finetune` does the whole stage: validate,
 load `models/base`, replace its vocabulary head by a 2-way head, make the chosen part trainable
 (`mode`: LoRA adapters on every linear layer, the last block + final norm + head, or everything),
 train with the shared `Trainer` (accuracy as a metric; checkpoints and `resume: auto` in
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from scratchgpt import checkpoint, distributed, lora, plots, serving, stage, tracking
-from scratchgpt.classify import (
+from scratchgpt.apps import serving
+from scratchgpt.apps.classify import (
     ClassificationDataset,
     ClassifierInfo,
     attach_head,
@@ -31,11 +31,18 @@ from scratchgpt.classify import (
     real_tokens,
     save_classifier,
 )
-from scratchgpt.datasets import SPAM_LABELS
-from scratchgpt.losses import POOLS, classification_accuracy, classification_loss
-from scratchgpt.model import GPTModel
-from scratchgpt.params import ParamsError, check_choice, check_int, check_ratio, check_str
-from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything
+from scratchgpt.data.datasets import SPAM_LABELS
+from scratchgpt.nn import checkpoint, lora
+from scratchgpt.nn.model import GPTModel
+from scratchgpt.pipeline import stage
+from scratchgpt.plumbing import plots, tracking
+from scratchgpt.plumbing.params import ParamsError, check_choice, check_int, check_ratio, check_str
+from scratchgpt.train import distributed
+from scratchgpt.train.callbacks import TrackingCallback
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.losses import POOLS, classification_accuracy, classification_loss
+from scratchgpt.train.state import seed_everything
+from scratchgpt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ def build_model(params: ClsParams, base_dir: Path) -> GPTModel:
     return model.train()
 
 
-def run_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[str, float] | None:
+def run_lora_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
     base_cfg = checkpoint.load_config(paths.base_dir)["model"]

@@ -1,7 +1,7 @@
 """Pretraining a GPT on the token windows of the sample stage (the book's chapter 5, as a stage).
 
 `PretrainParams` is the `pretrain` section of params.yaml; `run_pretrain` does the whole stage:
-validate, build the model and datasets, train with `scratchgpt.training.Trainer` (resumable,
+validate, build the model and datasets, train with `scratchgpt.train.trainer.Trainer` (resumable,
 DDP-ready), then write metrics, the loss-curve CSV and PNG, and track everything in MLflow.
 """
 
@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scratchgpt import distributed, stage, tracking
-from scratchgpt.datasets import SampleParams, TokenWindowDataset
-from scratchgpt.losses import lm_loss
-from scratchgpt.model import PRESETS, GPTConfig, GPTModel
-from scratchgpt.params import ParamsError, check_choice, check_int, check_str
-from scratchgpt.tokenizer import gpt2_tokenizer
-from scratchgpt.training import TrackingCallback, TrainConfig, Trainer, TrainResult, seed_everything, text_sampler
+from scratchgpt.data.datasets import SampleParams, TokenWindowDataset
+from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.nn.generate import text_sampler
+from scratchgpt.nn.model import PRESETS, GPTConfig, GPTModel
+from scratchgpt.pipeline import stage
+from scratchgpt.plumbing import tracking
+from scratchgpt.plumbing.params import ParamsError, check_choice, check_int, check_str
+from scratchgpt.train import distributed
+from scratchgpt.train.callbacks import TrackingCallback
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.state import seed_everything
+from scratchgpt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,7 @@ class ModelParams:
     """The architecture: a named `GPTConfig` preset, with any field overridden (null = the preset's)."""
 
     preset: str = "cpu-small"
-    """gpt2-small | gpt2-medium | gpt2-large | gpt2-xl | cpu-small (see scratchgpt.model.PRESETS)."""
+    """gpt2-small | gpt2-medium | gpt2-large | gpt2-xl | cpu-small (see scratchgpt.nn.model.PRESETS)."""
     context_length: int | None = None
     """Longest sequence the model accepts; must be >= sample.max_length."""
     emb_dim: int | None = None

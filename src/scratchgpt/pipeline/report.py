@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from scratchgpt.judge import OPTIONS
+from scratchgpt.pipeline.judge import OPTIONS
 
 CELL_CHARS = 300
 """Longest text shown in a table cell (the whole text is in eval_scores.json)."""

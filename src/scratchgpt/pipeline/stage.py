@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scratchgpt import checkpoint, fileio, plots
-from scratchgpt.datasets import DatasetError
-from scratchgpt.params import parse_yaml
-from scratchgpt.training import CONFIG_FILE, Trainer, TrainResult
+from scratchgpt.data.datasets import DatasetError
+from scratchgpt.nn import checkpoint
+from scratchgpt.plumbing import fileio, plots
+from scratchgpt.plumbing.params import parse_yaml
+from scratchgpt.train.state import CONFIG_FILE
+from scratchgpt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def dvc_root() -> Path:
     """The directory holding `dvc.yaml`: the cwd (DVC runs stages there), else the project root."""
     if Path(DVC_FILE).is_file():
         return Path.cwd()
-    from scratchgpt.tracking import project_root
+    from scratchgpt.plumbing.tracking import project_root
 
     return project_root()
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scratchgpt.fileio import atomic_path
+from scratchgpt.plumbing.fileio import atomic_path
 
 #: Legend labels for the usual series; other keys are labelled with the key itself.
 LABELS = {

@@ -1,6 +1,6 @@
 """MLflow tracking for pipeline stages: one run per stage execution.
 
-    from scratchgpt.tracking import stage_run
+    from scratchgpt.plumbing.tracking import stage_run
 
     with stage_run("pretrain", params, preset="cpu", enabled=rank == 0) as run:
         run.log_metrics({"train_loss": 3.2}, step=10)

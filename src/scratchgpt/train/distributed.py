@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scratchgpt.params import ParamsError
+from scratchgpt.plumbing.params import ParamsError
 
 log = logging.getLogger(__name__)
 

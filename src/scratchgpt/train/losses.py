@@ -9,6 +9,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""`loss_fn(model, batch) -> scalar tensor`: the mean loss of a batch already on the device."""
+MetricFn = Callable[[nn.Module, Any], Tensor]
+"""`metric_fn(model, batch) -> scalar tensor`: a per-batch mean (e.g. accuracy), evaluated only."""
+
 
 def lm_loss(model: nn.Module, batch: Any) -> Tensor:
     """Next-token cross-entropy of `model(inputs)` against `targets` for a batch `(inputs, targets)`.

@@ -4,187 +4,69 @@
     result = trainer.fit()
 
 A `Trainer` takes a model, a loss function `(model, batch) -> scalar`, torch Datasets and a validated
-`TrainConfig`; it returns a `TrainResult` (history of evaluations, final metrics, throughput) and
-leaves a resumable checkpoint in its output directory. It knows nothing about tokenizers, MLflow or
-DVC: stages plug those in through `Callback`s and the `sampler` hook.
-
-Data order. Each epoch's order is a permutation drawn from a generator seeded with (seed, epoch), so
-it is a pure function of the epoch; the position within the epoch is the optimizer step. Resuming
-therefore replays exactly the batches an uninterrupted run would see. Under DDP a "global
-micro-batch" of `batch_size * world_size` consecutive indices of that permutation is split into
-`world_size` contiguous shards, so N processes with batch size B see exactly what one process with
-batch size N*B (or B with N accumulation steps) sees.
-
-Checkpoints. `<out>/model.safetensors`, `<out>/config.json` and `<out>/trainer_state.pt` (optimizer,
-step, epoch, position, tokens seen, history, every rank's RNG states, a fingerprint of the
-configuration and data) are written together into a fresh directory that then replaces `<out>`
-(`fileio.atomic_dir`), so a kill at any moment leaves either the old set or the new one. The state
-holds only tensors and primitives and is read with `torch.load(weights_only=True)`.
+`TrainConfig` (`train.config`); it returns a `TrainResult` (history of evaluations, final metrics,
+throughput) and leaves a resumable checkpoint in its output directory (`train.state` says what it
+holds and how the data order makes a resume exact). It knows nothing about tokenizers, MLflow or
+DVC: stages plug those in through `Callback`s (`train.callbacks`) and the `sampler` hook.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors.torch
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from scratchgpt import checkpoint, distributed, fileio, optim
-from scratchgpt.distributed import DistInfo
-from scratchgpt.memory import glibc_mallopt, keep_freed_memory
-from scratchgpt.model import GPTModel
-from scratchgpt.params import check_bool, check_choice, check_int, check_number, check_ratio, is_number
-from scratchgpt.progress import progress_bar
+from scratchgpt.plumbing import fileio
+from scratchgpt.plumbing.progress import progress_bar
+from scratchgpt.train import distributed, optim
+from scratchgpt.train.batch import autocast, first_tensor, to_device
+from scratchgpt.train.callbacks import Callback
+from scratchgpt.train.config import TrainConfig
+from scratchgpt.train.evaluation import evaluate_dataset
+from scratchgpt.train.losses import LossFn, MetricFn
+from scratchgpt.train.memory import glibc_mallopt, keep_freed_memory
+from scratchgpt.train.state import (
+    STATE_FILE,
+    STATE_FORMAT,
+    capture_rng,
+    epoch_order,
+    find_checkpoint,
+    fingerprint_changes,
+    fingerprint_of,
+    load_weights,
+    rank_batches,
+    read_trainer_state,
+    remove_stale_dirs,
+    restore_rng,
+    save_weights,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FORMAT = 1
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""`loss_fn(model, batch) -> scalar tensor`: the mean loss of a batch already on the device."""
-MetricFn = Callable[[nn.Module, Any], Tensor]
-"""`metric_fn(model, batch) -> scalar tensor`: a per-batch mean (e.g. accuracy), evaluated only."""
 Sampler = Callable[[nn.Module, torch.device], str]
-"""`sampler(model, device) -> text`: called at each epoch end on rank 0 (e.g. greedy text sample)."""
+"""`sampler(model, device) -> text`: called at each epoch end on rank 0 (e.g. `generate.text_sampler`)."""
 
-_PRECISIONS = ("fp32", "bf16-mixed")
-_DEVICES = distributed.DEVICES
 # Fields that change how a run is executed or saved, not what it computes: a checkpoint made with
 # other values is still resumable.
 _OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every", "nproc")
-@dataclass
-class TrainConfig:
-    """How to train. Each field is a `params.yaml` key (e.g. `pretrain.train.lr`)."""
-
-    epochs: int = 1
-    """Passes over the training set."""
-    batch_size: int = 8
-    """Samples per micro-batch on each process."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step; effective batch = batch_size * grad_accum_steps * processes."""
-    lr: float = 4e-4
-    """Peak learning rate (reached at the end of warm-up)."""
-    lr_schedule: str = "cosine"
-    """After warm-up: "cosine" decay from `lr` to `min_lr`, or "constant" (the book's chapter 5)."""
-    min_lr: float = 0.0
-    """Floor of the cosine decay."""
-    warmup_steps: int = 0
-    """Linear warm-up length in optimizer steps; 0 disables warm-up."""
-    warmup_ratio: float = 0.0
-    """Warm-up as a fraction of all optimizer steps (instead of `warmup_steps`); 0 = use warmup_steps."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay, applied to weight matrices only (see `scratchgpt.optim`)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW exponential decay rates of the first and second moments."""
-    eps: float = 1e-8
-    """AdamW denominator epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient L2 norm to this value; 0 disables clipping."""
-    eval_freq: int = 5
-    """Evaluate after optimizer step 1 and every `eval_freq` steps after it (as the book does)."""
-    eval_iter: int | None = 5
-    """Batches of train and of val data per periodic evaluation; null = the whole sets."""
-    final_eval_iter: int | None = None
-    """Batches per set for the final evaluation (the reported metrics); null = the whole sets."""
-    checkpoint_every: int = 0
-    """Write a checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
-    seed: int = 123
-    """Seeds torch/numpy/python RNGs at a fresh start (rank r uses seed + r) and the data order."""
-    device: str = "auto"
-    """auto | cpu | cuda | mps ("auto": CUDA, else MPS, else CPU)."""
-    precision: str = "fp32"
-    """fp32 | bf16-mixed (autocast to bfloat16; weights, gradients and optimizer state stay fp32)."""
-    compile: bool = False
-    """Run the model through `torch.compile`."""
-    resume: str = "auto"
-    """auto: continue from a compatible checkpoint in the output directory; never: start afresh."""
-    num_workers: int = 0
-    """DataLoader worker processes for the training set (0: load in the training process)."""
-    nproc: int = 1
-    """Data-parallel processes the stage runs as: N > 1 makes the stage script relaunch itself under
-    `torchrun --standalone --nproc_per_node N` (`scratchgpt.distributed.launch`; batch_size is per process).
-    1: one process, or as many as a hand-started `torchrun` gives it."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_freq", "nproc"):
-            check_int(self, name, 1)
-        for name in ("warmup_steps", "checkpoint_every", "num_workers", "seed"):
-            check_int(self, name, 0)
-        if self.seed >= 2**32:
-            raise ValueError(f"seed must be < 2**32, got {self.seed}")
-        for name in ("eval_iter", "final_eval_iter"):
-            if getattr(self, name) is not None:
-                check_int(self, name, 1)
-        check_number(self, "lr", 0, exclusive=True)
-        for name in ("min_lr", "weight_decay", "grad_clip", "eps"):
-            check_number(self, name, 0)
-        check_ratio(self, "warmup_ratio", zero=True)
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.warmup_ratio > 0 and self.warmup_steps > 0:
-            raise ValueError("set warmup_steps or warmup_ratio, not both")
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or not all(
-            is_number(b) and 0 <= b < 1 for b in self.betas
-        ):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        check_choice(self, "lr_schedule", ("constant", "cosine"))
-        check_choice(self, "device", _DEVICES)
-        check_choice(self, "precision", _PRECISIONS)
-        check_choice(self, "resume", ("auto", "never"))
-        check_bool(self, "compile")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped before applying the update."""
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The files of a checkpoint directory do not belong together."""
-
-
-class Callback:
-    """Hooks the `Trainer` calls on rank 0 only. Override the ones you need."""
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Before the first step (after any resume)."""
-
-    def on_step(self, trainer: Trainer, loss: float) -> None:
-        """After each optimizer step; `trainer.step` is the number of steps done."""
-
-    def on_eval(self, trainer: Trainer, record: dict[str, float]) -> None:
-        """After each evaluation (periodic, and the final one if at a new step); `record` is the
-        new `history` row."""
-
-    def on_sample(self, trainer: Trainer, sample: dict[str, Any]) -> None:
-        """After the epoch-end sample: `{"epoch": int, "step": int, "text": str}`."""
-
-    def on_checkpoint(self, trainer: Trainer, directory: Path) -> None:
-        """After a checkpoint has been written (and swapped in) at `directory`."""
-
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        """After the final evaluation."""
 
 
 @dataclass
@@ -211,219 +93,6 @@ class TrainResult:
     resumed_from_step: int | None
     """Step of the checkpoint this run continued from; None for a fresh start."""
     samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# Small pieces, public because stages and tests use them
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and every CUDA device's) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Global RNG states as tensors and primitives (loadable with `weights_only=True`)."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_has_gauss": int(np_state[3]),
-        "numpy_gauss": float(np_state[4]),
-        "python_version": int(py_version),
-        "python_state": torch.tensor(py_state, dtype=torch.int64),
-        "python_gauss": py_gauss,
-    }
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy_keys"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            state["numpy_has_gauss"],
-            state["numpy_gauss"],
-        )
-    )
-    random.setstate(
-        (state["python_version"], tuple(int(x) for x in state["python_state"].tolist()), state["python_gauss"])
-    )
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The training-set order of `epoch`: a permutation of range(n) determined by (seed, epoch) alone."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def rank_batches(order: Sequence[int], batch_size: int, info: DistInfo, n_micro: int) -> list[list[int]]:
-    """This rank's `n_micro` micro-batches of `order` (each global micro-batch split across ranks)."""
-    global_batch = batch_size * info.world_size
-    return [
-        list(order[k * global_batch + info.rank * batch_size : k * global_batch + (info.rank + 1) * batch_size])
-        for k in range(n_micro)
-    ]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) tuple/list/dict batch to `device`."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def first_tensor(batch: Any) -> Tensor:
-    """The batch's input tensor: the batch itself, its first element, or its first dict value."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        return first_tensor(next(iter(batch.values())))
-    if isinstance(batch, tuple | list) and batch:
-        return first_tensor(batch[0])
-    raise TypeError(f"cannot find an input tensor in a batch of type {type(batch).__name__}")
-
-
-def fingerprint_of(obj: Any) -> str:
-    """A short, stable hash of a JSON-able value (dataclasses allowed)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for "bf16-mixed", a no-op for "fp32"."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate_dataset(
-    model: nn.Module,
-    dataset: Dataset,
-    loss_fn: LossFn,
-    metric_fns: Mapping[str, MetricFn] | None = None,
-    *,
-    batch_size: int,
-    device: torch.device,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    precision: str = "fp32",
-    max_batches: int | None = None,
-    dist: DistInfo | None = None,
-    eval_model: nn.Module | None = None,
-) -> dict[str, float]:
-    """Mean loss (and metrics) of `model` over the first `max_batches` global batches of `dataset`.
-
-    A global batch is `batch_size * world_size` samples (None: the whole set). The samples are shared
-    out among ranks and the sums all-reduced, so every rank gets the same answer, equal to a single
-    process's with batch size `batch_size * world_size`. Means are weighted by batch size. The
-    model (`eval_model`, when `model` is a compiled wrapper of it) is in eval mode meanwhile.
-    """
-    dist = dist or DistInfo()
-    collate_fn = collate_fn or default_collate
-    metric_fns = dict(metric_fns or {})
-    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * dist.world_size)
-    mine = list(range(dist.rank, n, dist.world_size))
-    names = ["loss", *metric_fns]
-    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(len(names) + 1, dtype=dtype, device=device)
-    module = eval_model if eval_model is not None else model
-    was_training = module.training
-    module.eval()
-    try:
-        for i in range(0, len(mine), batch_size):
-            chunk = mine[i : i + batch_size]
-            batch = to_device(collate_fn([dataset[j] for j in chunk]), device)
-            with autocast(device, precision):
-                values = [loss_fn(model, batch)] + [fn(model, batch) for fn in metric_fns.values()]
-            for k, v in enumerate(values):
-                sums[k] += v.detach().to(dtype) * len(chunk)
-            sums[-1] += len(chunk)
-    finally:
-        module.train(was_training)
-    distributed.all_reduce_sum(sums, dist)
-    count = sums[-1].item()
-    if count == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    return {name: sums[k].item() / count for k, name in enumerate(names)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading weights: our GPTModel layout, or any module via safetensors' shared-aware API
-
-
-def save_weights(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None:
-    """Write `model.safetensors` + `config.json` into `directory` (GPTModel: `checkpoint.save_model`)."""
-    if isinstance(model, GPTModel):
-        checkpoint.save_model(model, directory, extra=extra)
-        return
-    with fileio.atomic_path(directory / WEIGHTS_FILE) as tmp:
-        safetensors.torch.save_model(model, str(tmp))
-    fileio.write_json(directory / CONFIG_FILE, extra)
-
-
-def load_weights(model: nn.Module, directory: Path) -> None:
-    """Load `directory/model.safetensors` into `model` in place (strict names and shapes)."""
-    if isinstance(model, GPTModel):
-        checkpoint.load_weights(model, checkpoint.read_safetensors(directory / WEIGHTS_FILE))
-        return
-    device = next(model.parameters()).device
-    safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
-
-
-def find_checkpoint(out_dir: str | Path) -> Path | None:
-    """The directory holding the latest complete checkpoint for `out_dir`, or None.
-
-    Normally `out_dir` itself. `fileio.atomic_dir` swaps a new checkpoint in by renaming the old
-    directory to `.<name>.old` and then the new one into place; a kill between the two renames
-    leaves only `.<name>.old`, which is still a complete (older) checkpoint.
-    """
-    out_dir = Path(out_dir)
-    for cand in (out_dir, out_dir.with_name(f".{out_dir.name}.old")):
-        if (cand / STATE_FILE).is_file():
-            return cand
-    return None
-
-
-def read_trainer_state(directory: str | Path) -> dict[str, Any]:
-    """`trainer_state.pt` of a checkpoint directory, checked against its `config.json`."""
-    directory = Path(directory)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointMismatchError(f"{directory / STATE_FILE}: not a trainer state of format {STATE_FORMAT}")
-    config_path = directory / CONFIG_FILE
-    try:
-        stamp = json.loads(config_path.read_text(encoding="utf-8")).get("checkpoint", {})
-    except (OSError, ValueError) as exc:
-        raise CheckpointMismatchError(f"{config_path}: unreadable ({exc})") from exc
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise CheckpointMismatchError(f"{directory}: {STATE_FILE} present but {WEIGHTS_FILE} missing")
-    for key in ("step", "fingerprint"):
-        if stamp.get(key) != state.get(key):
-            raise CheckpointMismatchError(
-                f"{directory}: {CONFIG_FILE} says {key}={stamp.get(key)!r} but {STATE_FILE} says "
-                f"{state.get(key)!r}; the files are not from the same checkpoint"
-            )
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
 
 
 class Trainer:
@@ -600,7 +269,7 @@ class Trainer:
         return result
 
     def _cpu_heap(self) -> contextlib.AbstractContextManager[None]:
-        """On a glibc CPU run, keep freed memory in the heap while training (see scratchgpt.memory)."""
+        """On a glibc CPU run, keep freed memory in the heap while training (see scratchgpt.train.memory)."""
         if self.device.type != "cpu" or glibc_mallopt() is None:
             return contextlib.nullcontext()
         return keep_freed_memory()
@@ -658,7 +327,7 @@ class Trainer:
             with fileio.atomic_dir(self.out_dir) as tmp:
                 self.save_fn(self.model, tmp, extra)
                 torch.save(state, tmp / STATE_FILE)
-            self._remove_stale_dirs()
+            remove_stale_dirs(self.out_dir)
             log.info("checkpoint: step %d written to %s", self.step, self.out_dir)
             for cb in self.callbacks:
                 cb.on_checkpoint(self, self.out_dir)
@@ -680,7 +349,7 @@ class Trainer:
                 "not reusing the checkpoint in %s: it was made with other params, data or code (%s); "
                 "training from scratch, the checkpoint will be overwritten",
                 found,
-                self._fingerprint_changes(state),
+                fingerprint_changes(state, self.fingerprint_parts),
             )
             return False
         self.load_fn(self.model, found)
@@ -723,19 +392,6 @@ class Trainer:
                 f"{self.out_dir} that others do not. Under multi-node torchrun, put the stage's output directory on "
                 "storage every node shares, or train from scratch with `resume: never`"
             )
-
-    def _fingerprint_changes(self, state: Mapping[str, Any]) -> str:
-        """What differs between a checkpoint's fingerprint and this run's, as `key: old -> new` lines."""
-        if "fingerprint_parts" not in state:
-            return f"fingerprint {state['fingerprint']}, now {self.fingerprint}; the checkpoint records no details"
-        old = _flatten(json.loads(state["fingerprint_parts"]))
-        new = _flatten(self.fingerprint_parts)
-        changed = [
-            f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)
-        ]
-        return "changed: " + "; ".join(changed[:10]) + (f"; and {len(changed) - 10} more" if len(changed) > 10 else "")
 
     def _run_epoch(self, pbar: tqdm) -> None:
         cfg = self.cfg
@@ -865,76 +521,3 @@ class Trainer:
         log.info("sample after epoch %d: %r", epoch + 1, text)
         for cb in self.callbacks:
             cb.on_sample(self, sample)
-
-    def _remove_stale_dirs(self) -> None:
-        """Leftovers of a save killed half-way (`.<name>.*.tmp`, `.<name>.old`)."""
-        assert self.out_dir is not None
-        name = self.out_dir.name
-        for stale in self.out_dir.parent.glob(f".{name}.*"):
-            if stale.is_dir() and (stale.name.endswith(".tmp") or stale.name == f".{name}.old"):
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping) and value:
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
-def _short(value: Any) -> str:
-    text = "(absent)" if value is None else str(value)
-    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
-
-
-# ---------------------------------------------------------------------------------------------
-# Ready-made hooks
-
-
-def text_sampler(
-    encode: Callable[[str], list[int]],
-    decode: Callable[[list[int]], str],
-    start_context: str = "Every effort moves you",
-    max_new_tokens: int = 50,
-) -> Sampler:
-    """A `sampler` that continues `start_context` greedily with `scratchgpt.generate.generate`."""
-    from scratchgpt.generate import generate
-
-    def sample(model: nn.Module, device: torch.device) -> str:
-        idx = torch.tensor([encode(start_context)], dtype=torch.long, device=device)
-        out = generate(model, idx, max_new_tokens, temperature=0.0)
-        return decode(out[0].tolist())
-
-    return sample
-
-
-class TrackingCallback(Callback):
-    """Send evaluations and samples to a tracking run (anything with `log_metrics` and `log_text`,
-    e.g. `scratchgpt.tracking.StageRun`)."""
-
-    def __init__(self, run: Any) -> None:
-        self.run = run
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        cfg = trainer.cfg
-        self.run.log_params(
-            {
-                "runtime": {
-                    "world_size": trainer.dist.world_size,
-                    "effective_batch_size": cfg.batch_size * cfg.grad_accum_steps * trainer.dist.world_size,
-                    "device": str(trainer.device),
-                    "resumed_from_step": trainer.resumed_from_step,
-                }
-            }
-        )
-        # A resumed run's tracking run starts empty: give it the curve so far.
-        for record in trainer.history:
-            self.on_eval(trainer, record)
-
-    def on_eval(self, trainer: Trainer, record: dict[str, float]) -> None:
-        self.run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
-
-    def on_sample(self, trainer: Trainer, sample: dict[str, Any]) -> None:
-        self.run.log_text(sample["text"], f"samples/epoch_{sample['epoch']:03d}.txt")

@@ -1,0 +1,50 @@
+"""The `sample-to-parquet` stage: turn the tokenized tables into the training datasets.
+
+`run_sample_to_parquet` reads the tokenize stage's tables and writes:
+
+  <out>/pretrain/{train,val}.parquet     sliding windows of max_length + 1 tokens (column `window`)
+  <out>/spam/{train,val,test}.parquet    balanced, shuffled 70/10/20 split of the spam table
+  <out>/instruct/{train,val,test}.parquet file-order 85/10/5 split (train/test/val) of the instructions
+
+and windows and rows per split to the metrics file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from scratchgpt.data.corpus import read_tokens
+from scratchgpt.data.datasets import SampleParams, split_instructions, split_spam, write_pretrain_windows, write_splits
+from scratchgpt.plumbing.fileio import write_json
+
+log = logging.getLogger(__name__)
+
+
+def run_sample_to_parquet(p: SampleParams, in_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
+    """Split and window the tables of `in_dir` into `out_dir`; write the metrics and return them."""
+    src, out = Path(in_dir), Path(out_dir)
+    log.info("params: %s", p)
+    tokens = read_tokens(src / "pretrain_tokens.parquet")
+    spam = split_spam(
+        pq.read_table(src / "spam.parquet"), seed=p.seed, train_ratio=p.spam_train_ratio, val_ratio=p.spam_val_ratio
+    )
+    instruct = split_instructions(
+        pq.read_table(src / "instruct.parquet"),
+        train_ratio=p.instruct_train_ratio,
+        test_ratio=p.instruct_test_ratio,
+    )
+    log.info("windowing %d tokens: max_length %d, stride %d", len(tokens), p.max_length, p.stride)
+    pretrain = write_pretrain_windows(
+        tokens, out / "pretrain", max_length=p.max_length, stride=p.stride, train_ratio=p.train_ratio
+    )
+    metrics = {
+        "pretrain": {**pretrain, "max_length": p.max_length, "stride": p.stride},
+        "spam": write_splits(spam, out / "spam"),
+        "instruct": write_splits(instruct, out / "instruct"),
+    }
+    write_json(metrics_path, metrics)
+    log.info("wrote %s and %s: %s", out, metrics_path, metrics)
+    return metrics
