@@ -288,7 +288,8 @@ def run_evaluate(params: EvaluateParams, paths: EvaluatePaths = EvaluatePaths())
     judge = make_judge(params)  # before any work: an unusable judge fails here
     try:
         tags = {"judge": params.judge if judge is None else judge.describe()}
-        with tracking.stage_run(STAGE, {"evaluate": params}, tags=tags) as run:
+        details = ["no judge" if judge is None else f"judge {params.model}"]
+        with tracking.stage_run(STAGE, {"evaluate": params}, tags=tags, details=details) as run:
             return _evaluate(params, paths, test, records, base, device, judge, run)
     finally:
         if judge is not None:
