@@ -245,7 +245,8 @@ def test_headline_metrics_and_summary(tmp_path: Path):
     assert "- **error**: stage 'x' failed" in md and "DVC experiment" not in md
     assert "| cls | ran | 12.3 s | test_accuracy 0.92 | abc |" in md and "| evaluate | not run |  |  |  |" in md
     # a tracking server: the run id links to the run's page
-    page = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-    linked = orch.summary_markdown([{"stage": "cls", "state": "ran", "mlflow_run_id": "abc", "mlflow_run_url": page}],
+    run_id = "0123456789abcdef0123456789abcdef"
+    page = f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}?workflowType=machine_learning"
+    linked = orch.summary_markdown([{"stage": "cls", "state": "ran", "mlflow_run_id": run_id, "mlflow_run_url": page}],
                                    {})  # fmt: skip
-    assert f"| [abc]({page}) |" in linked
+    assert f"| [01234567]({page}) |" in linked

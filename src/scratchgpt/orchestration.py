@@ -420,11 +420,16 @@ def md_link(text: str, url: str | None) -> str:
     return f"[{text}]({url})" if url else text
 
 
+def _run_cell(run_id: str, url: str | None) -> str:
+    """A run id, whole (to copy, e.g. for `compare --parent`), or its first 8 characters linking its page."""
+    return md_link(run_id[:8], url) if url else run_id
+
+
 def summary_markdown(results: list[Mapping[str, Any]], info: Mapping[str, Any]) -> str:
     """The flow run's summary: a line per fact in `info`, then a table of the stages.
 
     Each result: stage, state, wall_time_s, metrics ({name: number}), mlflow_run_id and mlflow_run_url
-    (optional: the run's page in MLflow's UI, which the id links to).
+    (optional: the run's page in MLflow's UI, which the id's first 8 characters then link to).
     """
     lines = [f"# Pipeline run: {info.get('status', '?')}", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items() if k != "status" and v not in (None, "", {}, [])]
@@ -434,6 +439,6 @@ def summary_markdown(results: list[Mapping[str, Any]], info: Mapping[str, Any]) 
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("metrics") or {}).items())
         lines.append(
             f"| {r['stage']} | {r['state']} | {'' if wall is None else f'{wall:.1f} s'} | {metrics} | "
-            f"{md_link(r.get('mlflow_run_id') or '', r.get('mlflow_run_url'))} |"
+            f"{_run_cell(r.get('mlflow_run_id') or '', r.get('mlflow_run_url'))} |"
         )
     return "\n".join(lines) + "\n"
