@@ -191,7 +191,8 @@ def mlflow_runs(project: Project):
 
 
 def parent_of(project: Project, prefect_run_id: str):
-    (parent,) = [r for r in mlflow_runs(project) if r.data.tags.get("prefect_flow_run_id") == prefect_run_id]
+    (parent,) = [r for r in mlflow_runs(project)  # the stage runs carry the flow run's id too
+                 if r.data.tags.get("prefect_flow_run_id") == prefect_run_id and "pipeline" in r.data.tags]  # fmt: skip
     children = [r for r in mlflow_runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return parent, children
 
