@@ -132,7 +132,7 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
     pieces = list(stream_response(model, tok, test.records[0]["instruction"], test.records[0]["input"],
                                   max_new_tokens=8))  # fmt: skip
     assert "".join(pieces) == responses[0]["model_response"]
-    cmd = [sys.executable, "-m", "scratchgpt.apps.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
+    cmd = [sys.executable, "-m", "scratchgpt.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
     once = subprocess.run([*cmd, "--once", test.records[0]["instruction"], "--input", test.records[0]["input"]],
                           capture_output=True, text=True, check=True, cwd=workdir)  # fmt: skip
     assert once.stdout == "".join(pieces) + "\n"
