@@ -1,7 +1,8 @@
 """The registering stages (lora-cls-finetune, instruct-finetune) as DVC experiments outside the workspace, with
 the project's default MLflow store: `dvc exp run --temp`, and two `dvc exp run --queue` experiments run by
 `dvc queue start --jobs 2`. Each experiment's run and registered model version land in `<project>/mlflow.db`,
-not in the temporary copy under .dvc/tmp/exps.
+not in the temporary copy under .dvc/tmp/exps. Also: processes writing to one new SQLite store at the same
+moment all succeed.
 
 The DVC tests share one tiny project (the two registering stages and what they need, reproduced once and
 committed; MLFLOW_TRACKING_URI unset, so the stages use the project's store as a user's clone does).
@@ -10,6 +11,10 @@ committed; MLFLOW_TRACKING_URI unset, so the stages use the project's store as a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -104,3 +109,52 @@ def test_two_queued_experiments_run_at_once_and_register_in_the_project_store(pr
         line = next((line for line in status.splitlines() if name in line), "")
         assert "Success" in line, f"{name}:\n{status}\n{project.run('dvc', 'queue', 'logs', name)[-5000:]}"
     assert_registered_in_project_store(project, experiments)
+
+
+# --- one SQLite store, several writers at the same moment ---------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    barrier, n, model_dir = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    from scratchgpt import serving, tracking
+    (barrier / f"ready-{os.getpid()}").touch()  # all imports done: start together, at the first touch of the store
+    deadline = time.monotonic() + 120
+    while len(list(barrier.glob("ready-*"))) < n:
+        assert time.monotonic() < deadline, "the other writers never got ready"
+        time.sleep(0.002)
+    with tracking.stage_run("lora-cls-finetune", {"cls": {"mode": "full"}}) as run:
+        version = serving.log_classifier(run, model_dir, {"test_accuracy": 0.5})
+    print(run.run_id, version.version)
+    """
+)
+
+
+@pytest.mark.slow
+def test_writers_creating_and_registering_into_one_sqlite_store_at_once_all_succeed(tmp_path, mirror_dir):
+    """Two stage processes start at the same moment on a store that does not exist yet (both create it), log
+    their runs and register the same model: both finish, as versions 1 and 2."""
+    from scratchgpt.classify import ClassifierInfo, attach_head, save_classifier
+    from scratchgpt.model import GPTConfig, GPTModel
+
+    tiny = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+    model_dir = tmp_path / "spam-classifier"
+    save_classifier(attach_head(GPTModel(tiny), 2), model_dir, ClassifierInfo(("ham", "spam"), "last-token", 64, None),
+                    vocab_dir=mirror_dir)  # fmt: skip
+    (tmp_path / "barrier").mkdir()
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k not in (*MLFLOW_ENV, "DVC_ROOT", "MLFLOW_RUN_ID")}
+    env["SCRATCHGPT_PROJECT_ROOT"] = str(store)
+    n = 2
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "barrier"), str(n), str(model_dir)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-5000:]
+    results = [out.split() for out, _ in outs]
+    client = project_client(store)
+    versions = {str(v.version): v.run_id for v in client.search_model_versions("name='spam-classifier'")}
+    assert versions == {v: r for r, v in results} and sorted(versions) == ["1", "2"]
+    assert all(client.get_run(r).info.status == "FINISHED" for r, _ in results)

@@ -28,6 +28,13 @@ Where runs go (first match wins):
 All logging goes through `MlflowClient` with explicit run ids, never the fluent per-thread active
 run, so a `StageRun` can be used from any thread. Only one process should track (DDP rank 0): pass
 `enabled=False` elsewhere to get a no-op run that imports and creates nothing.
+
+Parallel stages (`dvc queue start --jobs N`, sweeps) share one SQLite store. Writes wait for each other:
+MLflow sets SQLite's busy timeout (20 s) on every session, and a write takes milliseconds (measured: 2 and 4
+processes registering at the same moment all succeed). Creating a new store's tables is not safe in
+parallel (two processes doing it at once: one fails, "table experiments already exists"), so the first
+open of a local SQLite store in each process holds an exclusive file lock, `<store dir>/mlruns/.<db
+name>.lock`. Many machines, or many parallel writers: use a tracking server (`MLFLOW_TRACKING_URI=http://...`).
 """
 
 from __future__ import annotations
@@ -203,10 +210,35 @@ def _local_store_dir(uri: str) -> Path | None:
 
 
 def _client(uri: str):
-    """A client whose tracking and registry store are both `uri`."""
+    """A client whose tracking and registry store are both `uri`, opened (a new store's tables created) under
+    `_creation_lock`."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _creation_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the first use opens each store (MLflow caches them per URI)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock (flock, dropped by the kernel if the process dies) on `<store dir>/mlruns/.<db>.lock`
+    for a local SQLite store: two processes creating a new store's tables at once fail. Nothing for others."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    lock = db.parent / ARTIFACTS_DIR / f".{db.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sqlite_path(uri: str) -> Path | None:
