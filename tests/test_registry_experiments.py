@@ -69,7 +69,8 @@ def assert_registered_in_project_store(project, experiments: dict[str, tuple[str
     revs = {e["name"]: e["revs"][0] for b in show for e in b.get("experiments") or []}
     for name, stages in experiments.items():
         runs = client.search_runs([exp.experiment_id], f"tags.dvc_exp_name = '{name}'")
-        assert sorted((r.data.tags["dvc_stage"], r.info.status) for r in runs) == [(s, "FINISHED") for s in stages]
+        done = sorted((r.data.tags["dvc_stage"], r.info.status) for r in runs)
+        assert done == [(stage, "FINISHED") for stage in sorted(stages)], name
         for run in runs:
             model, metrics_file, param = STAGES[run.data.tags["dvc_stage"]]
             assert run.info.artifact_uri.startswith((project.path / "mlruns").as_uri()), run.info.artifact_uri
