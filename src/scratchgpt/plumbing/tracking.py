@@ -7,7 +7,11 @@
         run.log_artifact("plots/pretrain_loss.png")
 
 Where runs go (first match wins):
-- tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (absolute);
+- tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (absolute). The model
+  registry is the same store, set explicitly (`MLFLOW_REGISTRY_URI`, if set, must name it too): while a
+  run is open, MLflow's process-wide tracking and registry URIs (and so the environment of processes
+  started meanwhile) are that store, since MLflow itself looks logged models up through them when it
+  registers a version. Never a relative default that would mean a new database in DVC's temporary copy;
 - project root: `SCRATCHGPT_PROJECT_ROOT`, else `DVC_ROOT` (DVC sets it to the real repository
   even for `dvc exp run --temp/--queue`), else the nearest ancestor of the cwd holding `dvc.yaml`
   and `.git` (or `.dvc`), stepping out of a `.dvc/tmp/exps/...` experiment copy, else the cwd;
@@ -24,6 +28,13 @@ Where runs go (first match wins):
 All logging goes through `MlflowClient` with explicit run ids, never the fluent per-thread active
 run, so a `StageRun` can be used from any thread. Only one process should track (DDP rank 0): pass
 `enabled=False` elsewhere to get a no-op run that imports and creates nothing.
+
+Parallel stages (`dvc queue start --jobs N`, sweeps) share one SQLite store. Writes wait for each other:
+MLflow sets SQLite's busy timeout (20 s) on every session, and a write takes milliseconds (measured: 2 and 4
+processes registering at the same moment all succeed). Creating a new store's tables is not safe in
+parallel (two processes doing it at once: one fails, "table experiments already exists"), so the first
+open of a local SQLite store in each process holds an exclusive file lock, `<store dir>/mlruns/.<db
+name>.lock`. Many machines, or many parallel writers: use a tracking server (`MLFLOW_TRACKING_URI=http://...`).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger(__name__)
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_REGISTRY_URI = "MLFLOW_REGISTRY_URI"
 ENV_EXPERIMENT = "SCRATCHGPT_MLFLOW_EXPERIMENT"
 ENV_PARENT_RUN_ID = "SCRATCHGPT_MLFLOW_PARENT_RUN_ID"
 ENV_PROJECT_ROOT = "SCRATCHGPT_PROJECT_ROOT"
@@ -112,12 +124,63 @@ def tracking_uri() -> str:
     """
     uri = os.environ.get(ENV_TRACKING_URI)
     if uri:
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            db = uri[len("sqlite:///") :]
-            if db and db != ":memory:":
-                return f"sqlite:///{Path(db).expanduser().absolute()}"
-        return uri
+        return _absolute(uri)
     return f"sqlite:///{project_root() / DB_NAME}"
+
+
+def _absolute(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute against the cwd (as MLflow would resolve it)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = uri[len("sqlite:///") :]
+        if db and db != ":memory:":
+            return f"sqlite:///{Path(db).expanduser().absolute()}"
+    return uri
+
+
+def check_registry_uri(uri: str) -> None:
+    """Raise ValueError when `MLFLOW_REGISTRY_URI` is set to another store than the tracking store `uri`.
+
+    The stages log a model to their run and register it from there: the registry must be the same store.
+    """
+    registry = os.environ.get(ENV_REGISTRY_URI)
+    if registry and not _same_store(registry, uri):
+        raise ValueError(
+            f"{ENV_REGISTRY_URI}={registry} is not the tracking store {uri}: the pipeline registers its models in "
+            f"the store that holds their runs. Unset {ENV_REGISTRY_URI}, or set it and {ENV_TRACKING_URI} to one URI"
+        )
+
+
+def _same_store(a: str, b: str) -> bool:
+    if _absolute(a) == _absolute(b):
+        return True
+    db = _sqlite_path(a)
+    return db is not None and db == _sqlite_path(b)
+
+
+@contextlib.contextmanager
+def use_store(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs (and their environment variables, for subprocesses) set
+    to `uri` inside the block, put back afterwards. MLflow's SQL registry looks a logged model up through the
+    process-wide tracking URI when it registers a version (`models:/<model id>`): unset, that is a relative
+    `sqlite:///mlflow.db` in the cwd, another (new, empty) database in DVC's temporary copy."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {name: os.environ.get(name) for name in (ENV_TRACKING_URI, ENV_REGISTRY_URI)}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def experiment_name(experiment: str | None = None) -> str:
@@ -147,9 +210,43 @@ def _local_store_dir(uri: str) -> Path | None:
 
 
 def _client(uri: str):
+    """A client whose tracking and registry store are both `uri`, opened (a new store's tables created) under
+    `_creation_lock`."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    with _creation_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the first use opens each store (MLflow caches them per URI)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock (flock, dropped by the kernel if the process dies) on `<store dir>/mlruns/.<db>.lock`
+    for a local SQLite store: two processes creating a new store's tables at once fail. Nothing for others."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    lock = db.parent / ARTIFACTS_DIR / f".{db.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (absolute); None for other stores and in-memory SQLite."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
+    return None if db in ("", ":memory:") else Path(db).expanduser().resolve()
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -370,6 +467,7 @@ class StageRun:
         exp = self._client.get_experiment(self.experiment_id)
         return {
             ENV_TRACKING_URI: self.tracking_uri,
+            ENV_REGISTRY_URI: self.tracking_uri,
             ENV_EXPERIMENT: exp.name,
             ENV_PARENT_RUN_ID: self.run_id,
         }
@@ -440,15 +538,16 @@ def _run(kind_tag, params, preset, experiment, run_name, enabled, extra_tags, ur
         yield StageRun.disabled()
         return
     run = _start(kind_tag, params, preset, experiment, run_name, extra_tags, uri)
-    try:
-        yield run
-    except KeyboardInterrupt:
-        _end(run, "KILLED", "KeyboardInterrupt")
-        raise
-    except BaseException as exc:
-        _end(run, "FAILED", f"{type(exc).__name__}: {exc}")
-        raise
-    _end(run, "FINISHED", None)
+    with use_store(run.tracking_uri):
+        try:
+            yield run
+        except KeyboardInterrupt:
+            _end(run, "KILLED", "KeyboardInterrupt")
+            raise
+        except BaseException as exc:
+            _end(run, "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+        _end(run, "FINISHED", None)
 
 
 def _start(kind_tag, params, preset, experiment, run_name, extra_tags, uri=None) -> StageRun:
@@ -456,7 +555,8 @@ def _start(kind_tag, params, preset, experiment, run_name, extra_tags, uri=None)
 
     if os.environ.get("MLFLOW_RUN_ID"):
         log.warning("MLFLOW_RUN_ID is set and ignored; nest stage runs with %s instead", ENV_PARENT_RUN_ID)
-    uri = uri or tracking_uri()
+    uri = _absolute(uri) if uri else tracking_uri()
+    check_registry_uri(uri)
     client = _client(uri)
     parent_id = os.environ.get(ENV_PARENT_RUN_ID) or None
     parent = _parent_run(client, parent_id, uri) if parent_id else None
