@@ -64,6 +64,12 @@ def instruction_examples() -> list[tuple[Tensor, int]]:
     return [(torch.randint(0, PAD, (n,), generator=g), max(2, n // 3)) for n in LENGTHS]
 
 
+def all_prompt_when_short() -> list[tuple[Tensor, int]]:
+    """`instruction_examples`, but the four short ones are all prompt (as a prompt cut to the context): they have
+    no target, and they make up whole micro-batches (and one process's batch) of the step."""
+    return [(ids, len(ids) + 1 if len(ids) < 20 else n_prompt) for ids, n_prompt in instruction_examples()]
+
+
 def spam_texts() -> list[tuple[Tensor, int]]:
     """`(ids, label)` items, as `SpamDataset` gives."""
     g = torch.Generator().manual_seed(1)
@@ -86,6 +92,12 @@ SETUPS = {
         lambda: GPTModel(TINY),
         lm_loss,
         instruction_examples(),
+        instruction_collate(pad_id=PAD, mask_prompt=True, allowed_max_length=TINY.context_length),
+    ),
+    "instruct-empty-micro-batches": Setup(
+        lambda: GPTModel(TINY),
+        lm_loss,
+        all_prompt_when_short(),
         instruction_collate(pad_id=PAD, mask_prompt=True, allowed_max_length=TINY.context_length),
     ),
     "cls": Setup(classifier, classification_loss("last-token"), spam_texts(), pad_collate(pad_id=PAD), real_tokens),
@@ -146,6 +158,8 @@ def test_the_instruction_micro_batches_hold_very_different_numbers_of_targets():
     units = [lm_loss.units(setup.collate([setup.data[i] for i in batch])) for batch in micro]
     assert units == [UNITS_LONG, UNITS_SHORT] and UNITS_LONG > 3 * UNITS_SHORT
     assert lm_loss.units(setup.collate(setup.data)) == sum(units)  # prompt targets and padding are masked
+    empty = SETUPS["instruct-empty-micro-batches"]
+    assert [lm_loss.units(empty.collate([empty.data[i] for i in batch])) for batch in micro] == [UNITS_LONG, 0]
 
 
 @pytest.mark.parametrize("kind", list(SETUPS))
@@ -221,6 +235,9 @@ def test_evaluation_losses_do_not_depend_on_the_batch_size():
 
     for batch_size in (1, 2, 3, 8):
         assert evaluate(batch_size)["loss"] == pytest.approx(want, rel=1e-6), batch_size
+        without_targets = evaluate_dataset(model, all_prompt_when_short(), lm_loss, batch_size=batch_size,
+                                           device=torch.device("cpu"), collate_fn=setup.collate)  # fmt: skip
+        assert without_targets["loss"] == pytest.approx(one_batch("instruct-empty-micro-batches")["loss"], rel=1e-6)
         cfg = TrainConfig(epochs=1, batch_size=batch_size, device="cpu")
         trainer = Trainer(model, lm_loss, setup.data, None, cfg, None, collate_fn=setup.collate)
         assert trainer.evaluate(setup.data, None)["loss"] == pytest.approx(want, rel=1e-6), batch_size
