@@ -105,6 +105,20 @@ def expected_response_loss(work: Path) -> float:
     return total / count
 
 
+def test_the_response_loss_does_not_depend_on_the_batch_size(project: Path):
+    from scratchgpt.apps.instruct import InstructionDataset
+    from scratchgpt.nn.checkpoint import load_model
+    from scratchgpt.pipeline.evaluate import response_loss
+
+    model = load_model(project / "models" / "instruct")
+    test = InstructionDataset(project / "data" / "processed" / "instruct" / "test.parquet")
+    want = expected_response_loss(project)
+    for batch_size in (1, 3, 4):
+        loss, examples, tokens = response_loss(model, test, batch_size, torch.device("cpu"))
+        assert loss == pytest.approx(want, rel=1e-5) and examples == 4, batch_size
+        assert tokens == sum(len(ids) - n_prompt + 1 for ids, n_prompt in (test[i] for i in range(4)))
+
+
 def mlflow_run(work: Path):
     runs = mlflow.search_runs(experiment_names=["scratchgpt"], filter_string="tags.dvc_stage = 'evaluate'",
                               output_format="list")  # fmt: skip
@@ -141,6 +155,7 @@ def test_without_a_judge(project: Path):
     assert metrics["instruct"] == {"train_loss": 2.5, "val_loss": 2.75}
     test = metrics["test"]
     assert test["examples"] == 4 and test["loss_examples"] == 4 and test["truncated_examples"] == 0
+    assert test["loss_tokens"] > 4
     assert test["exact_match"] == 0.25
     assert test["rouge_l"] == pytest.approx(sum(c[4] for c in CASES) / 4)
     assert test["distinct_responses"] == 4 and test["empty_responses"] == 1
@@ -153,6 +168,7 @@ def test_without_a_judge(project: Path):
     assert "| pretrain | validation loss | 6.250 |" in report and "| instruct-finetune | train loss | 2.500 |" in report
     assert "| evaluate | exact match | 1 of 4 (25.0%) |" in report
     assert f"| evaluate | ROUGE-L F1, mean | {test['rouge_l']:.3f} |" in report
+    assert f"| response tokens the loss averages over | {test['loss_tokens']} |" in report
     assert "metrics/cls.json not found (run `dvc repro lora-cls-finetune`)" in report
     assert "| lora-cls-finetune | spam classifier test accuracy | — |" in report
     assert "![Pretraining loss](../plots/pretrain_loss.png)" in report

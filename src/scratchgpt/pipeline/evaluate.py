@@ -3,9 +3,10 @@
 `EvaluateParams` is the `evaluate` section of params.yaml; `run_evaluate` does the whole stage:
 - checks its inputs and, when a judge is chosen, that the judge answers (JudgeError naming the URL),
   before any work;
-- on the test split: the response-token loss and perplexity of models/instruct (prompt targets
-  masked, as `instruction_collate(mask_prompt=True)`), and, for the responses the instruct-finetune
-  stage wrote, exact match (after whitespace normalization) and ROUGE-L against the references;
+- on the test split: the response-token loss (the mean over every response token) and perplexity of
+  models/instruct (prompt targets masked, as `instruction_collate(mask_prompt=True)`), and, for the
+  responses the instruct-finetune stage wrote, exact match (after whitespace normalization) and ROUGE-L
+  against the references;
 - the judge's 0-100 score of each response (`scratchgpt.pipeline.judge`), when a judge is chosen;
 - the pipeline's headline numbers from the other stages' metrics files (a missing file is reported,
   not fatal);
@@ -162,12 +163,13 @@ def rouge_l(responses: Sequence[str], references: Sequence[str]) -> list[float]:
 
 def response_loss(
     model: GPTModel, test: InstructionDataset, batch_size: int, device: torch.device
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Mean cross-entropy of the response tokens (and the end-of-text after them) given the prompt.
 
     Examples are cut to the model's context; one whose prompt fills the context has no response
-    target left and is left out. The mean is over batches of per-token means, weighted by the
-    examples in each batch (`train.evaluation.evaluate_dataset`). Returns the loss and the examples used.
+    target left and is left out. The mean is over every response token of the examples used
+    (`train.evaluation.evaluate_dataset`), so it does not depend on `batch_size`. Returns the loss,
+    the examples used and the tokens it averages over.
     """
     context = model.cfg.context_length
     usable = [i for i, prompt in enumerate(test.prompts) if len(prompt) <= context]
@@ -176,7 +178,8 @@ def response_loss(
     collate = instruction_collate(mask_prompt=True, allowed_max_length=context)
     subset = Subset(test, usable) if len(usable) < len(test) else test
     loss = evaluate_dataset(model, subset, lm_loss, batch_size=batch_size, device=device, collate_fn=collate)["loss"]
-    return loss, len(usable)
+    tokens = sum(lm_loss.units(collate([subset[i]])) for i in range(len(subset)))
+    return loss, len(usable), tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,9 +299,10 @@ def run_evaluate(params: EvaluateParams, paths: EvaluatePaths = EvaluatePaths())
 
 def _evaluate(params, paths, test, records, base, device, judge, run) -> dict[str, Any]:
     model = checkpoint.load_model(paths.model_dir, map_location=device)
-    loss, loss_examples = response_loss(model, test, params.batch_size, device)
+    loss, loss_examples, loss_tokens = response_loss(model, test, params.batch_size, device)
     context = model.cfg.context_length
-    log.info("test response loss %.4f (perplexity %.2f) on %d examples", loss, _exp(loss), loss_examples)
+    log.info("test response loss %.4f (perplexity %.2f): the mean over %d response tokens of %d examples", loss,
+             _exp(loss), loss_tokens, loss_examples)  # fmt: skip
 
     responses = [r[RESPONSE_KEY] for r in records]
     references = [r["output"] for r in records]
@@ -319,6 +323,7 @@ def _evaluate(params, paths, test, records, base, device, judge, run) -> dict[st
         "response_loss": loss,
         "response_perplexity": _exp(loss),
         "loss_examples": loss_examples,
+        "loss_tokens": loss_tokens,
         "truncated_examples": sum(len(ex) > context for ex in test.examples),
         "exact_match": sum(exact) / len(exact),
         "rouge_l": sum(rouge) / len(rouge),

@@ -63,6 +63,10 @@ class InstructParams:
     """0: greedy (the book); above 0: sampling with this temperature (seeded by train.seed)."""
     generate_batch_size: int = 16
     """Test prompts generated together."""
+    batch_mean_loss: bool = False
+    """Also report the book's train/val losses (`train_loss_batch_mean`, `val_loss_batch_mean`): the mean over
+    evaluation batches of each batch's token mean, which depends on batch_size. train_loss and val_loss are
+    token means. The book preset sets it, to compare with the losses the book prints."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimizer, schedule, batching, evaluation, checkpointing, device and precision."""
 
@@ -76,6 +80,7 @@ class InstructParams:
         check_int(self, "max_new_tokens", 1)
         check_number(self, "temperature", 0)
         check_int(self, "generate_batch_size", 1)
+        check_bool(self, "batch_mean_loss")
         if not isinstance(self.train, TrainConfig):
             raise ValueError("train must be a mapping")
 
@@ -135,6 +140,7 @@ def run_instruct_finetune(
             model, lm_loss, splits["train"], splits["val"], params.train, paths.checkpoint_dir,
             collate_fn=collate, callbacks=[TrackingCallback(run)], sampler=sampler,
             fingerprint=fingerprint, checkpoint_extra={"instruct": dataclasses.asdict(params)}, desc=STAGE,
+            batch_mean_loss=params.batch_mean_loss,
         )  # fmt: skip
         result = trainer.fit()
         if not info.is_main:
@@ -182,9 +188,11 @@ def generate_responses(model: GPTModel, test: InstructionDataset, tokenizer, par
 def stage_metrics(result: TrainResult, trainable: int, total: int, n_responses: int, new_tokens: int,
                   gen_time: float) -> dict[str, float]:  # fmt: skip
     """What `metrics/instruct.json` reports (numbers only)."""
+    book = {k: result.final[k] for k in ("train_loss_batch_mean", "val_loss_batch_mean") if k in result.final}
     return {
         "train_loss": result.final["train_loss"],
         "val_loss": result.final["val_loss"],
+        **book,
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_per_s,
         "trainable_parameters": trainable,
