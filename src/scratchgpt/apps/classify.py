@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from scratchgpt.data.datasets import DatasetError
+from scratchgpt.data.datasets import DatasetError, read_parquet
 from scratchgpt.data.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
 from scratchgpt.nn import checkpoint
 from scratchgpt.nn.model import GPTConfig, GPTModel
@@ -47,7 +46,7 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], max_length: int, labels: Sequence[str]) -> None:
         self.path = Path(path)
-        table = pq.read_table(self.path, columns=["token_ids", "label"])
+        table = read_parquet(self.path, columns=["token_ids", "label"])
         self.labels = [int(v) for v in table.column("label").to_pylist()]
         bad = [(i, v) for i, v in enumerate(self.labels) if not 0 <= v < len(labels)]
         if bad:
