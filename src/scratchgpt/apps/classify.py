@@ -36,6 +36,8 @@ from scratchgpt.train.losses import classification_logits
 log = logging.getLogger(__name__)
 
 PAD_ID = 50256  # <|endoftext|>, as the book pads
+REMAKE = ("The lora-cls-finetune stage writes models/spam-classifier: restore it with `dvc checkout "
+          "models/spam-classifier`, or make it again with `dvc repro lora-cls-finetune`")  # fmt: skip
 
 
 class ClassificationDataset(Dataset):
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     texts = _read_texts(args)
     try:
         results = classify_texts(args.model, texts, batch_size=args.batch_size, device=args.device)
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except checkpoint.CheckpointError as exc:
+        raise SystemExit(f"error: {exc}. {REMAKE}") from exc
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     for text, (label, prob) in zip(texts, results, strict=True):
         if args.json:

@@ -452,17 +452,17 @@ class StageRun:
         if not synchronous:
             if self._queue is None:
                 self._queue = queue.Queue()
-                threading.Thread(target=self._drain, name=f"mlflow-{self.run_id}", daemon=True).start()
+                threading.Thread(target=self._drain, args=(self._queue,), name=f"mlflow-{self.run_id}",
+                                 daemon=True).start()  # fmt: skip
             self._queue.put((what, call))
             return
         self.flush()
         with self.guard(what):
             call()
 
-    def _drain(self) -> None:
-        assert self._queue is not None
+    def _drain(self, calls: queue.Queue[tuple[str, Callable[[], Any]] | None]) -> None:
         while True:
-            item = self._queue.get()
+            item = calls.get()
             try:
                 if item is None:
                     return
@@ -480,7 +480,7 @@ class StageRun:
                         self.tracking_uri, item[0], describe_failure(exc),
                     )  # fmt: skip
             finally:
-                self._queue.task_done()
+                calls.task_done()
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
         """Wait (at most `timeout` s) for the queued calls, then retry once those the store failed; raise
