@@ -380,12 +380,17 @@ def test_classify_and_chat_name_a_truncated_model_file(tmp_path: Path, mirror_di
     save_model(GPTModel(cfg), tmp_path / "chat")
     for name in ("vocab.bpe", "encoder.json"):
         shutil.copy(mirror_dir / name, tmp_path / "chat" / name)
-    for module, model, args in [("classify", "clf", ["hello"]), ("chat", "chat", ["--once", "hello"])]:
+    from scratchgpt.apps import chat, classify
+
+    cases = [(classify.main, "clf", ["hello"], "dvc repro lora-cls-finetune"),
+             (chat.main, "chat", ["--once", "hello"], "dvc repro instruct-finetune")]  # fmt: skip
+    for command, model, args, maker in cases:
         for name in ("model.safetensors", "config.json"):
             original = truncate(tmp_path / model / name)
-            proc = subprocess.run([sys.executable, "-m", f"scratchgpt.{module}", "--model", str(tmp_path / model),
-                                   *args], env=stage_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-            (line,) = proc.stderr.strip().splitlines()
-            assert f"{tmp_path / model / name} is truncated or corrupt" in line, line
+            with pytest.raises(SystemExit) as exited:  # a message: Python prints it as one line and exits 1
+                command(["--model", str(tmp_path / model), *args])
+            (line,) = str(exited.value.code).splitlines()
+            assert line.startswith("error: ") and f"{tmp_path / model / name} is truncated or corrupt" in line, line
+            assert f"`{maker}`" in line, line
             (tmp_path / model / name).write_bytes(original)
+        command(["--model", str(tmp_path / model), *args])  # restored: it answers

@@ -213,15 +213,16 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     run.flush()  # what the run logged in the background first: a failed store is reported before any upload
     started = time.perf_counter()
     with run.guard(f"registering the {spec.name} model"):
-        version = _log_and_register(run, spec, Path(model_dir), metrics, tags)
+        version, model_id = _log_and_register(run, spec, Path(model_dir), metrics, tags)
     seconds = time.perf_counter() - started
     run.log_metrics({"registry_time_s": seconds})
-    log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, version.model_id, seconds)
+    log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, model_id, seconds)
     return version
 
 
 def _log_and_register(run: StageRun, spec: ModelSpec, model_dir: Path, metrics: Mapping[str, float],
-                      tags: Mapping[str, Any] | None) -> Any:  # fmt: skip
+                      tags: Mapping[str, Any] | None) -> tuple[Any, str]:  # fmt: skip
+    """The registered ModelVersion and the logged model's id."""
     from mlflow.entities import LoggedModelOutput
 
     client = run.client
@@ -238,7 +239,7 @@ def _log_and_register(run: StageRun, spec: ModelSpec, model_dir: Path, metrics: 
         raise
     client.finalize_logged_model(logged.model_id, "READY")
     client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return _register(client, spec, logged.model_id, run.run_id, version_tags, metrics)
+    return _register(client, spec, logged.model_id, run.run_id, version_tags, metrics), logged.model_id
 
 
 @contextlib.contextmanager

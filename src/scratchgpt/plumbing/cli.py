@@ -19,6 +19,9 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 def setup_logging(level: int = logging.INFO) -> None:
     """Timestamped `logger LEVEL message` lines on stderr."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    # urllib3 logs each retry of MLflow's HTTP client as a WARNING with the whole exception; the tracking
+    # module says once, in its own words, what failed (docs/faults.md).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def parser(doc: str | None, *, params: bool = False, **kwargs: Any) -> argparse.ArgumentParser:

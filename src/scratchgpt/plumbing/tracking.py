@@ -234,9 +234,11 @@ def describe_failure(exc: BaseException) -> str:
     ):
         if any(needle in text for needle in needles):
             return reason
-    status = re.search(r"error code (\d{3})|^HTTP (\d{3})", text)
+    if re.match(r"HTTP \d{3}\b", text):  # our own probe's words
+        return _truncate(text, 300)
+    status = re.search(r"error code (\d{3})", text)
     if status:
-        return f"HTTP {status.group(1) or status.group(2)}"
+        return f"HTTP {status.group(1)}"
     return _truncate(f"{type(exc).__name__}: {text}", 300)
 
 
