@@ -345,7 +345,7 @@ def test_a_truncated_checkpoint_file_stops_the_stage_with_the_ways_on(workdir: P
         cut = path.read_bytes()
         message = run_cls_stage(caplog)
         assert message is not None and message.startswith(f"{CKPT / name} is truncated or corrupt ("), message
-        assert f"`dvc checkout {CKPT}`" in message and "`resume: never`" in message, message
+        assert f"`dvc checkout --force {CKPT}`" in message and "`resume: never`" in message, message
         assert path.read_bytes() == cut  # neither used nor overwritten
         assert "training from scratch" not in caplog.text
         path.write_bytes(original)
@@ -364,7 +364,7 @@ def test_a_truncated_input_names_the_file_and_the_stage_that_makes_it(workdir: P
     truncate(workdir / path)
     message = run_cls_stage(caplog)
     assert message is not None and message.startswith(f"{path} is truncated or corrupt ("), message
-    assert f"`dvc repro {producer}`" in message and "`dvc checkout " in message, message
+    assert f"`dvc repro {producer}`" in message and "`dvc checkout --force " in message, message
     assert not (workdir / CKPT).exists()  # before any training
 
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except checkpoint.CheckpointError as exc:
         raise SystemExit(
             f"error: cannot load {args.model}: {exc}. The instruct-finetune stage writes models/instruct: restore it "
-            "with `dvc checkout models/instruct`, or make it again with `dvc repro instruct-finetune`"
+            "with `dvc checkout --force models/instruct`, or make it again with `dvc repro instruct-finetune`"
         ) from exc
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: cannot load {args.model}: {exc}") from exc

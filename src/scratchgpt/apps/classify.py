@@ -36,7 +36,7 @@ from scratchgpt.train.losses import classification_logits
 log = logging.getLogger(__name__)
 
 PAD_ID = 50256  # <|endoftext|>, as the book pads
-REMAKE = ("The lora-cls-finetune stage writes models/spam-classifier: restore it with `dvc checkout "
+REMAKE = ("The lora-cls-finetune stage writes models/spam-classifier: restore it with `dvc checkout --force "
           "models/spam-classifier`, or make it again with `dvc repro lora-cls-finetune`")  # fmt: skip
 
 

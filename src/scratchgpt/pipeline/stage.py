@@ -98,8 +98,8 @@ def made_by(producer: str, path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     except (checkpoint.CheckpointError, DatasetError) as exc:
         raise type(exc)(
-            f"{exc}. {path} is an output of the {producer} stage: restore it (`dvc checkout {path}`) or make it "
-            f"again (`dvc repro {producer}`)"
+            f"{exc}. {path} is an output of the {producer} stage: restore it (`dvc checkout --force {path}`) or "
+            f"make it again (`dvc repro {producer}`)"
         ) from exc
 
 

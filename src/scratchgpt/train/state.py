@@ -61,8 +61,8 @@ class CorruptCheckpointError(CheckpointMismatchError):
         directory = path.parent
         super().__init__(
             f"{path} is truncated or corrupt ({reason}), so the checkpoint in {directory} can be neither resumed "
-            f"nor reused. Restore it (`dvc checkout {directory}` brings back the one DVC last recorded), or train "
-            f"from scratch: delete {directory}, or set `resume: never` in the stage's train params "
+            f"nor reused. Restore it (`dvc checkout --force {directory}` brings back the one DVC last recorded), "
+            f"or train from scratch: delete {directory}, or set `resume: never` in the stage's train params "
             "(e.g. `dvc exp run -S pretrain.train.resume=never`)"
         )
 
