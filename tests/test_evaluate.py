@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -14,7 +19,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_stage
-from ollama_server import FakeOllama, Reply, Status
+from ollama_server import FakeOllama, Reply, Slow, Status
 
 from scratchgpt.data.datasets import build_instruction_table
 from scratchgpt.data.tokenizer import gpt2_tokenizer
@@ -264,3 +269,41 @@ def test_inputs_are_checked_before_any_work(project: Path, caplog):
         run_stage()
     assert "needs the `openai` client" in caplog.text
     assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
+
+
+@pytest.mark.slow
+def test_a_judge_run_killed_mid_way_resumes_asking_only_for_the_rest(project: Path):
+    scores = {"Jane Austen": "95", "simile": "30", "mercury": "10", "kilometers": "80"}
+
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        return Reply(next(score for key, score in scores.items() if key in prompt))
+
+    def stalls_after_two(body: dict):
+        return answer(body) if len(first.chats) <= 2 else Slow(600, "0")  # the third request never returns
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TQDM_DISABLE": "1"}
+    with FakeOllama(stalls_after_two) as first:
+        set_params(project, judge="ollama", url=first.url, model="llama3", retries=0, timeout=600.0)
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "evaluate.py")], cwd=project, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(first.chats) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        stderr = proc.communicate(timeout=60)[1].decode()
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    cache = project / "data" / "judge-cache.jsonl"
+    assert len(cache.read_text().splitlines()) == 2  # the two verdicts it got survived the kill
+    assert not (project / "metrics" / "eval.json").exists()
+
+    with FakeOllama(answer) as second:
+        set_params(project, url=second.url)  # another address of the same judge: the verdicts still count
+        run_stage()
+        asked = [c["messages"][0]["content"] for c in second.chats]
+    assert len(asked) == 2 and "mercury" in asked[0] and "kilometers" in asked[1]  # only the rest
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["judge"] == {"judged": 4, "unparseable": 0, "failed": 0, "mean_score": 53.75}
+    assert "cache" not in json.dumps(metrics)  # kept out of the metrics
+    assert [s["judge_score"] for s in json.loads((project / "reports" / "eval_scores.json").read_text())] == [
+        95, 30, 10, 80]  # fmt: skip

@@ -112,9 +112,11 @@ def run_instruct_finetune(
     params: InstructParams, paths: InstructPaths = InstructPaths()
 ) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
+    stage.check_tracking()
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
     splits = stage.load_splits(paths.data_dir, InstructionDataset)
-    context = checkpoint.load_config(paths.base_dir)["model"]["context_length"]
+    with stage.made_by("load-gpt2", paths.base_dir):
+        context = checkpoint.load_config(paths.base_dir)["model"]["context_length"]
     if params.max_new_tokens >= context:
         raise ValueError(f"instruct.max_new_tokens ({params.max_new_tokens}) must be below the base's context "
                          f"length ({context})")  # fmt: skip
@@ -123,7 +125,8 @@ def run_instruct_finetune(
     fingerprint = stage.finetune_fingerprint(STAGE, "instruct", params, paths.base_dir, data)
     info, _ = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
-    model = build_model(params, paths.base_dir)
+    with stage.made_by("load-gpt2", paths.base_dir):
+        model = build_model(params, paths.base_dir)
     trainable, total = lora.count_parameters(model)
     log.info(
         "instruction fine-tuning (%s) of a %s-parameter base (%s trainable) on %d train / %d val examples",

@@ -42,6 +42,8 @@ from scratchgpt.train.memory import glibc_mallopt, keep_freed_memory
 from scratchgpt.train.state import (
     STATE_FILE,
     STATE_FORMAT,
+    WEIGHTS_FILE,
+    CorruptCheckpointError,
     capture_rng,
     epoch_order,
     find_checkpoint,
@@ -54,6 +56,7 @@ from scratchgpt.train.state import (
     restore_rng,
     save_weights,
     seed_everything,
+    write_trainer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -343,7 +346,7 @@ class Trainer:
             extra = {**self.checkpoint_extra, "train": dataclasses.asdict(self.cfg), "checkpoint": stamp}
             with fileio.atomic_dir(self.out_dir) as tmp:
                 self.save_fn(self.model, tmp, extra)
-                torch.save(state, tmp / STATE_FILE)
+                write_trainer_state(tmp / STATE_FILE, state)
             remove_stale_dirs(self.out_dir)
             log.info("checkpoint: step %d written to %s", self.step, self.out_dir)
             for cb in self.callbacks:
@@ -369,7 +372,10 @@ class Trainer:
                 fingerprint_changes(state, self.fingerprint_parts),
             )
             return False
-        self.load_fn(self.model, found)
+        try:
+            self.load_fn(self.model, found)
+        except Exception as exc:  # the state and config matched: the weights file itself is bad
+            raise CorruptCheckpointError(found / WEIGHTS_FILE, exc) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
