@@ -44,7 +44,9 @@ for _key, _value in {
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -58,9 +60,13 @@ from typing import Any  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture  # noqa: E402
 from prefect.runtime import deployment as runtime_deployment  # noqa: E402
 from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
+from prefect.states import State  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
+from prefect.utilities.urls import url_for  # noqa: E402
 
 from scratchgpt import orchestration as orch  # noqa: E402
 from scratchgpt.plumbing import tracking  # noqa: E402
@@ -273,6 +279,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
     tags = {
         "prefect_flow_run_id": str(runtime_flow_run.id or ""),
         "prefect_flow_run_name": runtime_flow_run.name or "",
+        "prefect_flow_run_url": _flow_run_url(),
         "prefect_deployment": runtime_deployment.name or "",
         "dvc_exp_name": experiment or "",
         **git,
@@ -294,7 +301,12 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         "pipeline", run_params, preset=orch.presets_of(params), run_name=f"pipeline {tags['prefect_flow_run_name']}",
         tags={k: v for k, v in tags.items() if v}, tracking_uri=uri,
     ) as run:  # fmt: skip
-        tracking_env = run.child_env()  # stage runs nest under the parent run
+        tracking_env = {**run.child_env(), **_stage_tags(tags)}  # stage runs nest under the parent run
+        # The stages run one at a time, in pipeline order; `wait_for` hands Prefect dvc.yaml's edges, which
+        # its flow-run graph draws (task runs' upstream dependencies).
+        upstream = orch.upstream_graph(selected)
+        done: dict[str, PrefectFuture] = {}
+        where = str(root)
         for stage in selected:
             task_fn = run_stage.with_options(
                 name=f"stage-{stage.name}",
@@ -302,17 +314,21 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
                 retries=RETRIES.get(stage.name, 0),
                 retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
             )
+            state = task_fn(stage.name, where, tracking_env, pull, return_state=True,
+                            wait_for=[done[u] for u in upstream[stage.name]])  # fmt: skip
+            done[stage.name] = _finished(state)
             try:
-                results.append(task_fn(stage.name, str(root), tracking_env, pull))
+                results.append(state.result())
             except StageFailed as exc:
                 results.append({"stage": stage.name, "state": orch.FAILED, "wall_time_s": exc.wall_time_s})
                 failure = exc
                 break
         results += [{"stage": s.name, "state": orch.NOT_RUN} for s in selected[len(results):]]
         if failure is None and experiment:
-            try:
+            last = [done[name] for name in upstream if not any(name in ups for ups in upstream.values())]
+            try:  # quote: the stage names are not data from the stages' results (no graph edge from each)
                 save_experiment.with_options(task_run_name="save-experiment")(
-                    str(root), experiment, [s.name for s in selected], push
+                    where, experiment, quote([s.name for s in selected]), push, wait_for=last
                 )
             except Exception as exc:  # reported in the summary, then raised
                 failure = exc
@@ -327,6 +343,27 @@ def _tracking_uri(root: Path) -> str:
     """$MLFLOW_TRACKING_URI, else the checkout's own store (the flow may run elsewhere)."""
     uri = os.environ.get(tracking.ENV_TRACKING_URI) and tracking.tracking_uri()
     return uri or f"sqlite:///{root / tracking.DB_NAME}"
+
+def _finished(state: State) -> PrefectFuture:
+    """A finished task run as `wait_for` takes it, to draw an edge from it. Not its State: Prefect would look
+    through the State's result for objects other tasks returned too (the "ran" of every stage's result) and
+    draw an edge from the last task that returned one."""
+    future: concurrent.futures.Future[State] = concurrent.futures.Future()
+    future.set_result(state)
+    return PrefectConcurrentFuture(state.state_details.task_run_id, future)
+
+
+def _flow_run_url() -> str:
+    """This flow run's page in the Prefect UI; "" on a temporary server (no UI URL: it is gone after the run)."""
+    if runtime_flow_run.id is None:
+        return ""
+    return url_for("flow-run", obj_id=runtime_flow_run.id) or ""
+
+
+def _stage_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The environment that tags each stage's MLflow run with this flow run (id, name, UI page, deployment)."""
+    prefect = {k: v for k, v in tags.items() if k.startswith("prefect_") and v}
+    return {tracking.ENV_RUN_TAGS: json.dumps(prefect)} if prefect else {}
 
 
 def _stage_env(tracking_env: dict[str, str]) -> dict[str, str]:
@@ -346,16 +383,19 @@ def _report(root, selected, results, run, experiment, changes, failure) -> None:
     for r in results:
         if r["state"] in (orch.RAN, orch.SKIPPED, orch.RESTORED, orch.PULLED):
             r["metrics"] = orch.headline_metrics(root, by_name[r["stage"]])
-        if r["state"] == orch.RAN and r["stage"] in children:
+        if r["state"] in (orch.RAN, orch.FAILED) and r["stage"] in children:
             r["mlflow_run_id"] = children[r["stage"]]
+            r["mlflow_run_url"] = _mlflow_url(run, children[r["stage"]])
     info = {
         "status": "FAILED" if failure else "COMPLETED",
         "error": str(failure) if failure else None,
         "project": str(root),
         "DVC experiment": experiment,
         "overrides": " ".join(orch.dvc_set_args(changes)) or None,
-        "MLflow parent run": run.run_id,
+        "MLflow parent run": orch.md_link(run.run_id, _mlflow_url(run, run.run_id)),
     }
+    if view := _mlflow_url(run, None):
+        info["MLflow runs"] = orch.md_link(tracking.RUNS_VIEW_NAME, view)
     markdown = orch.summary_markdown(results, info)
     create_markdown_artifact(markdown=markdown, key=SUMMARY_KEY, description="Stages, states, times, metrics")
     with contextlib.suppress(Exception):  # tracking is a nicety here; never mask the run's outcome
@@ -364,17 +404,31 @@ def _report(root, selected, results, run, experiment, changes, failure) -> None:
         run.set_tags({"skipped_stages": ",".join(r["stage"] for r in results if r["state"] == orch.SKIPPED)})
 
 
+def _mlflow_url(run: tracking.StageRun, run_id: str | None) -> str | None:
+    """The MLflow UI's page of run `run_id` (None: the experiment's runs in the saved view), when the store is
+    a tracking server."""
+    if not run.enabled:
+        return None
+    return tracking.ui_url(run.tracking_uri, run.experiment_id, run_id, view=run_id is None)
+
+
 def _child_runs(run: tracking.StageRun) -> dict[str, str]:
-    """{stage: run id} of the stage runs nested under `run` (the latest per stage)."""
+    """{stage: run id} of the stage runs nested under `run` (the latest per stage). A stage run still
+    RUNNING now, when every stage has ended, lost its process (killed, out of memory): it is marked FAILED,
+    so that MLflow shows it failed."""
     if not run.enabled:
         return {}
     try:
-        found = run._client.search_runs(
+        found = run.client.search_runs(
             [run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'",
             order_by=["attributes.start_time ASC"],
         )  # fmt: skip
     except Exception:
         return {}
+    for lost in (r for r in found if r.info.status == "RUNNING"):
+        with contextlib.suppress(Exception):
+            run.client.set_tag(lost.info.run_id, "error", "the stage's process ended without ending its run")
+            run.client.set_terminated(lost.info.run_id, status="FAILED")
     return {r.data.tags.get("dvc_stage", r.info.run_name): r.info.run_id for r in found}
 
 

@@ -271,3 +271,20 @@ def test_three_cls_modes_run_as_dvc_experiments_are_compared_in_one_command(cls_
     assert all(r in run.data.tags["compared_runs"] for row in rows for r in row["run_ids"].split())
     assert subprocess.run(["git", "check-ignore", "-q", str(REPO / compare.DEFAULT_OUT / "x.png")], cwd=REPO,
                           check=False).returncode == 0  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_modes_runs_are_named_apart_in_an_experiment_marked_as_model_training(cls_experiments):
+    """What MLflow's runs list shows for the three DVC experiments: a name per run that says its mode and
+    experiment, in an experiment its UI opens on the runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cls_experiments.env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], f"tags.dvc_stage = '{CLS}' and tags.dvc_exp_name IS NOT NULL")
+    assert sorted(r.info.run_name for r in runs) == [
+        f"{CLS} · full · preset cpu · exp cls-full",
+        f"{CLS} · last-block · preset cpu · exp cls-last-block",
+        f"{CLS} · lora r16 · preset cpu · exp cls-lora",
+    ]

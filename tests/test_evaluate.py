@@ -4,6 +4,7 @@ known responses, the other stages' metrics, no judge and a judge served by a rea
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -131,11 +132,14 @@ def mlflow_run(work: Path):
     return runs[0]
 
 
-def test_text_scores():
+def test_text_scores(caplog):
     assert normalize("  Jane\n\t Austen.  ") == "Jane Austen."
     assert exact_match("  Jane\n  Austen. ", "Jane Austen.") and not exact_match("jane austen.", "Jane Austen.")
-    scores = rouge_l([c[3] for c in CASES], [c[2] for c in CASES])
+    with caplog.at_level(logging.DEBUG):
+        scores = rouge_l([c[3] for c in CASES], [c[2] for c in CASES])
     assert scores == pytest.approx([c[4] for c in CASES])
+    assert rouge_l(["the cats running"], ["a cat runs"]) == pytest.approx([2 / 3])  # stemmed: cat, run
+    assert caplog.records == []  # rouge-score's "absl INFO Using default tokenizer." stays out of the stage log
 
 
 def test_params_are_checked():

@@ -67,6 +67,31 @@ def test_order_follows_dependencies_not_the_file_and_cycles_are_refused(tmp_path
         orch.read_stages(tmp_path)
 
 
+def test_the_graph_drawn_is_the_pipelines_dag_without_the_edges_other_paths_imply(tmp_path: Path):
+    stages = orch.read_stages(REPO)
+    assert orch.upstream_graph(stages) == {
+        "download": [], "tokenize": ["download"], "sample-to-parquet": ["tokenize"],
+        "pretrain": ["sample-to-parquet"], "load-gpt2": ["pretrain"], "lora-cls-finetune": ["load-gpt2"],
+        "instruct-finetune": ["load-gpt2"], "evaluate": ["lora-cls-finetune", "instruct-finetune"],
+    }  # fmt: skip
+    # dvc.yaml's own edges include the implied ones (download's vocabulary files, pretrain's metrics)
+    evaluate = next(s for s in stages if s.name == "evaluate")
+    assert {u.name for u in orch.upstream_of(evaluate, stages)} > {"pretrain", "lora-cls-finetune"}
+    assert orch.upstream_graph(orch.select_stages(stages, ["load-gpt2"]))["load-gpt2"] == ["pretrain"]
+
+    # a diamond with a shortcut: d needs b and c (both need a) and a directly; the shortcut a -> d is implied
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          a: {cmd: x, outs: [a.txt]}
+          b: {cmd: x, deps: [a.txt], outs: [b.txt]}
+          c: {cmd: x, deps: [a.txt], outs: [c.txt]}
+          d: {cmd: x, deps: [a.txt, b.txt, c.txt], outs: [d.txt]}
+          lone: {cmd: x, outs: [l.txt]}
+        """))  # fmt: skip
+    graph = orch.upstream_graph(orch.read_stages(tmp_path))
+    assert graph == {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "lone": []}
+
+
 # --- overrides --------------------------------------------------------------------------------------
 
 
@@ -219,3 +244,8 @@ def test_headline_metrics_and_summary(tmp_path: Path):
     assert md.startswith("# Pipeline run: FAILED")
     assert "- **error**: stage 'x' failed" in md and "DVC experiment" not in md
     assert "| cls | ran | 12.3 s | test_accuracy 0.92 | abc |" in md and "| evaluate | not run |  |  |  |" in md
+    # a tracking server: the run id links to the run's page
+    page = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    linked = orch.summary_markdown([{"stage": "cls", "state": "ran", "mlflow_run_id": "abc", "mlflow_run_url": page}],
+                                   {})  # fmt: skip
+    assert f"| [abc]({page}) |" in linked

@@ -35,6 +35,10 @@ TARGET = ["evaluate"]
 STAGES = ["download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune",
           "instruct-finetune", "evaluate"]  # fmt: skip
 TRAINING = {"pretrain", "load-gpt2", "lora-cls-finetune", "instruct-finetune", "evaluate"}  # open MLflow runs
+# The DAG of dvc.yaml as Prefect's flow-run graph should draw it: each task run's upstream task runs.
+DAG = {"download": [], "tokenize": ["download"], "sample-to-parquet": ["tokenize"], "pretrain": ["sample-to-parquet"],
+       "load-gpt2": ["pretrain"], "lora-cls-finetune": ["load-gpt2"], "instruct-finetune": ["load-gpt2"],
+       "evaluate": ["instruct-finetune", "lora-cls-finetune"]}  # fmt: skip
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -192,6 +196,24 @@ def parent_of(project: Project, prefect_run_id: str):
     return parent, children
 
 
+def task_graph(server: Server, run_id: str, expected: set[str]) -> dict[str, list[str]]:
+    """{task run name: the names of its upstream task runs} of a flow run, as Prefect's API records them
+    (`task_inputs`: what the UI's flow-run graph draws), once the `expected` task runs are there (the flow's
+    process reports them as events, which the server records a moment later)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    with prefect_client(server) as client:
+        while True:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            if {t.name for t in tasks} >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    names = {t.id: t.name for t in tasks}
+    return {t.name: sorted(names[i.id] for inputs in t.task_inputs.values() for i in inputs
+                           if i.input_type == "task_run") for t in tasks}  # fmt: skip
+
+
 def rows(summary: str) -> dict[str, str]:
     """{stage: state} from the summary's table."""
     return {m[1]: m[2] for m in re.finditer(r"^\| ([\w-]+) \| ([\w ]+) \|", summary, re.M) if m[1] != "stage"}
@@ -294,6 +316,49 @@ def test_the_pipeline_runs_end_to_end_then_a_rerun_skips_every_stage(first_run, 
     print(f"first flow run {took:.1f} s, rerun with every stage skipped {rerun_took:.1f} s")
 
 
+def test_the_flow_runs_graph_is_the_dag_and_its_mlflow_runs_say_what_they_are(first_run, prefect_server, project):
+    state = first_run[0]
+    assert state.is_completed(), state.message
+    run_id = flow_run_id(state)
+    assert task_graph(prefect_server, run_id, set(DAG)) == DAG
+
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(project.mlflow_uri).get_experiment_by_name("scratchgpt")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI opens it on the runs
+    parent, children = parent_of(project, run_id)
+    names = {c.data.tags["dvc_stage"]: c.info.run_name for c in children}
+    assert re.fullmatch(r"pretrain · cpu-small \d+\.\dM · preset cpu", names.pop("pretrain")), names
+    assert names == {"load-gpt2": "load-gpt2 · base pretrain",
+                     "lora-cls-finetune": "lora-cls-finetune · last-block · preset cpu",
+                     "instruct-finetune": "instruct-finetune · full · preset cpu",
+                     "evaluate": "evaluate · no judge"}  # fmt: skip
+    page = f"{prefect_server.url.removesuffix('/api')}/runs/flow-run/{run_id}"  # the flow run in Prefect's UI
+    for run in (parent, *children):
+        assert (run.data.tags["prefect_flow_run_url"], run.data.tags["prefect_flow_run_id"]) == (page, run_id)
+    # a local store has no UI to link to: the summary names the runs
+    assert f"| {children[0].info.run_id} |" in summary_of(prefect_server, run_id)
+
+
+def test_a_stage_run_whose_process_died_is_marked_failed(flow_module, tmp_path):
+    """A stage process killed outright (SIGKILL, out of memory) leaves its MLflow run RUNNING; the flow's
+    report, when every stage has ended, marks it FAILED."""
+    from mlflow import MlflowClient
+
+    from scratchgpt.plumbing import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.pipeline_run("pipeline", {}, tracking_uri=uri) as parent:
+        client = MlflowClient(uri)
+        lost = client.create_run(parent.experiment_id, tags={"mlflow.parentRunId": parent.run_id, "dvc_stage": "x"})
+        done = client.create_run(parent.experiment_id, tags={"mlflow.parentRunId": parent.run_id, "dvc_stage": "y"})
+        client.set_terminated(done.info.run_id, "FINISHED")
+        assert flow_module._child_runs(parent) == {"x": lost.info.run_id, "y": done.info.run_id}
+    got = client.get_run(lost.info.run_id)
+    assert got.info.status == "FAILED" and "ended without ending its run" in got.data.tags["error"]
+    assert client.get_run(done.info.run_id).info.status == "FINISHED"
+
+
 # --- a deployment on a process work pool ------------------------------------------------------------
 
 
@@ -364,6 +429,8 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     assert cls_run.info.status == "FINISHED" and cls_run.data.params["cls.train.lr"] == "0.001"
     assert cls_run.data.params["runtime.world_size"] == "2"
     assert rows(summary_of(prefect_server, good))["pretrain"] == "skipped"
+    # the graph: the stages' DAG, and saving the experiment after the last stage (not after each, as before)
+    assert task_graph(prefect_server, good, {*DAG, "save-experiment"}) == {**DAG, "save-experiment": ["evaluate"]}
     assert parent_of(project, bad)[0].info.status == "FAILED"
 
     # DVC: the good run is an experiment; params.yaml is as committed again; the outputs are there

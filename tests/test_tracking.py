@@ -28,6 +28,7 @@ _ENV = (
     tracking.ENV_PARENT_RUN_ID,
     tracking.ENV_PROJECT_ROOT,
     tracking.ENV_TRACKING_SWITCH,
+    tracking.ENV_RUN_TAGS,
 )
 
 
@@ -213,7 +214,7 @@ def test_stage_run_logs_params_metrics_tags_artifacts(env_store, tmp_path, monke
     c = client(env_store)
     got = c.get_run(run.run_id)
     assert got.info.status == "FINISHED"
-    assert got.info.run_name == "pretrain"
+    assert got.info.run_name == "pretrain · preset cpu · exp bushy-tree"
     assert got.data.params["pretrain.optim.lr"] == "0.0004"
     assert got.data.params["pretrain.epochs"] == "10"
     assert got.data.params["extra.k"] == "1"
@@ -253,6 +254,81 @@ def test_env_experiment_and_absolute_artifact_location(env_store, monkeypatch):
     assert exp.name == "from-env"
     store_dir = Path(env_store.removeprefix("sqlite:///")).parent
     assert exp.artifact_location == (store_dir / "mlruns" / "from-env").as_uri()
+
+
+def test_run_names_say_what_the_run_is(env_store, monkeypatch):
+    with stage_run("lora-cls-finetune", {}, preset="cpu", details=["lora r16"], experiment="t-names") as lora:
+        pass
+    monkeypatch.setenv("DVC_EXP_NAME", "cls-full")
+    with stage_run("lora-cls-finetune", {}, preset="book", details=["full", ""], experiment="t-names") as full:
+        pass
+    with stage_run("evaluate", {}, details=["no judge"], run_name="my name", experiment="t-names") as named:
+        pass
+    c = client(env_store)
+    assert c.get_run(lora.run_id).info.run_name == "lora-cls-finetune · lora r16 · preset cpu"
+    assert c.get_run(full.run_id).info.run_name == "lora-cls-finetune · full · preset book · exp cls-full"
+    assert c.get_run(named.run_id).info.run_name == "my name"  # an explicit name wins
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert tracking.stage_run_name("evaluate", ["no judge"]) == "evaluate · no judge"
+
+
+def _view_columns(tags: dict[str, str]) -> list[str]:
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_ID}"])  # the MLflow UI's envelope
+    assert view["name"] == tracking.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
+    return json.loads(view["state"])["selectedColumns"]
+
+
+def test_experiments_open_as_model_training_with_a_saved_runs_view(env_store):
+    with stage_run("pretrain", {}, experiment="t-kind") as run:
+        pass
+    c = client(env_store)
+    tags = c.get_experiment(run.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {"params.`cls.mode`", "metrics.`final_test_accuracy`", "metrics.`final_val_loss`"} <= set(
+        _view_columns(tags))  # fmt: skip
+
+    # an experiment made before (by MLflow, untagged) is marked when a run next goes to it ...
+    old = c.create_experiment("t-kind-old")
+    with stage_run("pretrain", {}, experiment="t-kind-old"):
+        pass
+    tags = c.get_experiment(old).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development" and _view_columns(tags)
+    # ... but a kind or a view someone set since is theirs
+    c.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")
+    c.set_experiment_tag(old, f"mlflow.sharedViewState.{tracking.RUNS_VIEW_ID}", "{}")
+    with stage_run("pretrain", {}, experiment="t-kind-old"):
+        pass
+    tags = c.get_experiment(old).tags
+    assert tags["mlflow.experimentKind"] == "genai_development"
+    assert tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_ID}"] == "{}"
+
+
+def test_an_orchestrators_tags_reach_every_run(env_store, monkeypatch, caplog):
+    url = "http://127.0.0.1:4200/runs/flow-run/1234"
+    monkeypatch.setenv(tracking.ENV_RUN_TAGS, json.dumps({"prefect_flow_run_url": url, "prefect_flow_run_id": 1234}))
+    with stage_run("pretrain", {}, experiment="t-env-tags", tags={"note": "x"}) as run:
+        pass
+    tags = client(env_store).get_run(run.run_id).data.tags
+    assert (tags["prefect_flow_run_url"], tags["prefect_flow_run_id"], tags["note"]) == (url, "1234", "x")
+    assert tags["dvc_stage"] == "pretrain"
+
+    monkeypatch.setenv(tracking.ENV_RUN_TAGS, "[not an object")
+    with stage_run("pretrain", {}, experiment="t-env-tags") as run:  # a malformed value never fails a stage
+        pass
+    assert "prefect_flow_run_url" not in client(env_store).get_run(run.run_id).data.tags
+    assert f"{tracking.ENV_RUN_TAGS} is not a JSON object of tags" in caplog.text
+
+
+def test_ui_urls_only_for_a_tracking_server():
+    server = "http://127.0.0.1:5000/"
+    assert tracking.ui_url(server, "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")  # fmt: skip
+    assert tracking.ui_url(server, "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.ui_url(server, "3", view=True) == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=scratchgpt-runs&workflowType=machine_learning")
+    assert tracking.ui_url("https://mlflow.example.org", "3", "abc").startswith("https://mlflow.example.org/#/")
+    for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        assert tracking.ui_url(local, "3", "abc") is None
 
 
 def test_exception_marks_run_failed_and_propagates(env_store):

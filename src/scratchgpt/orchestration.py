@@ -104,6 +104,21 @@ def upstream_of(stage: Stage, stages: Iterable[Stage]) -> list[Stage]:
     return [s for s in stages if s is not stage and any(_overlaps(d, o) for d in stage.deps for o in s.outs)]
 
 
+def upstream_graph(stages: list[Stage]) -> dict[str, list[str]]:
+    """{stage: the stages it comes right after}, among `stages` (in pipeline order): dvc.yaml's edges
+    (outs -> deps) less those another path already implies (a transitive reduction), so that a drawing
+    of it reads download -> tokenize -> ... -> evaluate rather than a web of vocab-file edges."""
+    direct = {s.name: {u.name for u in upstream_of(s, stages)} for s in stages}
+    ancestors: dict[str, set[str]] = {}
+    for s in stages:  # pipeline order: every upstream stage is done before its downstream ones
+        ancestors[s.name] = set().union(*({u, *ancestors[u]} for u in direct[s.name]))
+    order = [s.name for s in stages]
+    return {
+        name: [u for u in order if u in ups and not any(u in ancestors[v] for v in ups - {u})]
+        for name, ups in direct.items()
+    }
+
+
 def _in_order(stages: list[Stage], path: Path) -> list[Stage]:
     ups = {s.name: {u.name for u in upstream_of(s, stages)} for s in stages}
     done: list[Stage] = []
@@ -400,10 +415,16 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def md_link(text: str, url: str | None) -> str:
+    """`[text](url)`, or `text` when there is no URL."""
+    return f"[{text}]({url})" if url else text
+
+
 def summary_markdown(results: list[Mapping[str, Any]], info: Mapping[str, Any]) -> str:
     """The flow run's summary: a line per fact in `info`, then a table of the stages.
 
-    Each result: stage, state, wall_time_s, metrics ({name: number}), mlflow_run_id (optional).
+    Each result: stage, state, wall_time_s, metrics ({name: number}), mlflow_run_id and mlflow_run_url
+    (optional: the run's page in MLflow's UI, which the id links to).
     """
     lines = [f"# Pipeline run: {info.get('status', '?')}", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items() if k != "status" and v not in (None, "", {}, [])]
@@ -413,6 +434,6 @@ def summary_markdown(results: list[Mapping[str, Any]], info: Mapping[str, Any]) 
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("metrics") or {}).items())
         lines.append(
             f"| {r['stage']} | {r['state']} | {'' if wall is None else f'{wall:.1f} s'} | {metrics} | "
-            f"{r.get('mlflow_run_id') or ''} |"
+            f"{md_link(r.get('mlflow_run_id') or '', r.get('mlflow_run_url'))} |"
         )
     return "\n".join(lines) + "\n"

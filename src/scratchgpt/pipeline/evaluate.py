@@ -155,9 +155,10 @@ def exact_match(response: str, reference: str) -> bool:
 def rouge_l(responses: Sequence[str], references: Sequence[str]) -> list[float]:
     """ROUGE-L F-measure of each response against its reference (rouge-score: lower-cased, Porter-stemmed,
     non-alphanumeric characters dropped; an empty response scores 0)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # The scorer's own default tokenizer, passed in: made by the scorer, it logs "Using default tokenizer."
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     return [
         scorer.score(reference, response)["rougeL"].fmeasure
         for response, reference in zip(responses, references, strict=True)
@@ -297,7 +298,8 @@ def run_evaluate(params: EvaluateParams, paths: EvaluatePaths = EvaluatePaths())
     judge = make_judge(params)  # before any work: an unusable judge fails here
     try:
         tags = {"judge": params.judge if judge is None else judge.describe()}
-        with tracking.stage_run(STAGE, {"evaluate": params}, tags=tags) as run:
+        details = ["no judge" if judge is None else f"judge {params.model}"]
+        with tracking.stage_run(STAGE, {"evaluate": params}, tags=tags, details=details) as run:
             return _evaluate(params, paths, test, records, base, model, device, judge, run)
     finally:
         if judge is not None:

@@ -138,7 +138,9 @@ def run_instruct_finetune(
     sample_tokens = min(35, context - len(first_val))
     sampler = text_sampler(lambda _: first_val, tokenizer.decode, "", sample_tokens) if sample_tokens > 0 else None
 
-    with tracking.stage_run(STAGE, {"instruct": params}, preset=params.preset, enabled=info.is_main) as run:
+    details = [stage.method_label(params.method, params.lora_rank), "masked prompt" if params.mask_prompt else ""]
+    with tracking.stage_run(STAGE, {"instruct": params}, preset=params.preset, enabled=info.is_main,
+                            details=details) as run:  # fmt: skip
         trainer = Trainer(
             model, lm_loss, splits["train"], splits["val"], params.train, paths.checkpoint_dir,
             collate_fn=collate, callbacks=[TrackingCallback(run)], sampler=sampler,

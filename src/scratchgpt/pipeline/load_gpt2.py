@@ -247,6 +247,12 @@ def _is_scratchgpt_checkpoint(directory: Path) -> bool:
     return config.is_file() and "model" in json.loads(config.read_text(encoding="utf-8"))
 
 
+def _short(base: str) -> str:
+    """The base as a run's name shows it: a URL or path by its last part."""
+    path = urlsplit(base).path if is_url(base) else base
+    return Path(path.rstrip("/")).name or base if ("/" in base or os.sep in base) else base
+
+
 def run_load_gpt2(
     params: LoadGPT2Params, download: DownloadParams, paths: LoadGPT2Paths = LoadGPT2Paths()
 ) -> dict[str, Any]:
@@ -256,7 +262,7 @@ def run_load_gpt2(
     stage.require_files([val_file], "sample-to-parquet")
     tokenizer = gpt2_tokenizer(paths.vocab_dir)
     _, device = distributed.setup(params.device)
-    with tracking.stage_run(STAGE, {"load_gpt2": params}) as run:
+    with tracking.stage_run(STAGE, {"load_gpt2": params}, details=[f"base {_short(params.base)}"]) as run:
         model, source = load_base(params, paths, download)
         cfg = model.cfg
         with stage.made_by("sample-to-parquet", val_file):

@@ -150,7 +150,8 @@ def run_lora_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> di
     )  # fmt: skip
     classifier = ClassifierInfo(LABELS, params.pool, params.max_length or base_cfg["context_length"], params.max_length)
 
-    with tracking.stage_run(STAGE, {"cls": params}, preset=params.preset, enabled=info.is_main) as run:
+    with tracking.stage_run(STAGE, {"cls": params}, preset=params.preset, enabled=info.is_main,
+                            details=[stage.method_label(params.mode, params.lora_rank)]) as run:  # fmt: skip
         trainer = Trainer(
             model,
             classification_loss(params.pool),

@@ -158,7 +158,8 @@ def run_pretrain(
     )
 
     tracked = {"pretrain": params, "sample": sample}
-    with tracking.stage_run(STAGE, tracked, preset=params.preset, enabled=info.is_main) as run:
+    details = [f"{params.model.preset or 'custom'} {model.num_parameters() / 1e6:.1f}M"]
+    with tracking.stage_run(STAGE, tracked, preset=params.preset, enabled=info.is_main, details=details) as run:
         trainer = Trainer(
             model,
             lm_loss,

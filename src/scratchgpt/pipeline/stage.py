@@ -131,6 +131,11 @@ def finetune_fingerprint(stage: str, section: str, params: Any, base_dir: Path, 
     }
 
 
+def method_label(method: str, lora_rank: int) -> str:
+    """What a fine-tuning trains, for a run's name: "lora r16", "full", "last-block"."""
+    return f"lora r{lora_rank}" if method == "lora" else method
+
+
 def time_metrics(result: TrainResult) -> dict[str, float]:
     """What a training stage's time metrics mean, in their names.
 

@@ -61,7 +61,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -90,6 +90,8 @@ ENV_EXPERIMENT = "SCRATCHGPT_MLFLOW_EXPERIMENT"
 ENV_PARENT_RUN_ID = "SCRATCHGPT_MLFLOW_PARENT_RUN_ID"
 ENV_PROJECT_ROOT = "SCRATCHGPT_PROJECT_ROOT"
 ENV_TRACKING_SWITCH = "SCRATCHGPT_TRACKING"
+#: A JSON object of tags for every run this process opens (an orchestrator's, e.g. the Prefect flow run's URL).
+ENV_RUN_TAGS = "SCRATCHGPT_MLFLOW_TAGS"
 DEFAULT_EXPERIMENT = "scratchgpt"
 #: Tag of the runs `scratchgpt.compare` logs its outputs to; such runs are never compared themselves.
 COMPARISON_TAG = "scratchgpt_comparison"
@@ -362,7 +364,12 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
-    """Id of experiment `name`, creating it (with an absolute artifact location on local stores)."""
+    """Id of experiment `name`, creating it (with an absolute artifact location on local stores).
+
+    The experiment is marked as model training (`EXPERIMENT_KIND_TAG`, so MLflow's UI opens it on its runs,
+    not on its GenAI overview) and given the saved view `RUNS_VIEW_ID`; an experiment made before either
+    existed gets them now, without overriding a kind or a view someone set since.
+    """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -373,7 +380,7 @@ def ensure_experiment(client, name: str, uri: str) -> str:
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
             location = (store_dir / ARTIFACTS_DIR / safe).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=experiment_tags())
         except MlflowException:
             exp = client.get_experiment_by_name(name)  # another process created it first
             if exp is None:
@@ -383,7 +390,55 @@ def ensure_experiment(client, name: str, uri: str) -> str:
             f"MLflow experiment {name!r} ({uri}) is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or pick another name"
         )
+    for key, value in experiment_tags().items():
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
+
+
+# MLflow's UI reads this experiment tag to choose its layout; "custom_model_development" opens on the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs list (MLflow's *Views* menu; `run_url` links it): the columns that tell the stage
+# runs apart. Stored as the experiment tag `mlflow.sharedViewState.<id>` in the UI's own format.
+RUNS_VIEW_ID = "scratchgpt-runs"
+RUNS_VIEW_NAME = "scratchgpt: stages and headline metrics"
+RUNS_VIEW_COLUMNS = (
+    "tags.`dvc_exp_name`",
+    "params.`cls.mode`",
+    "params.`instruct.method`",
+    "metrics.`final_val_loss`",
+    "metrics.`final_test_accuracy`",
+    "metrics.`final_test_f1`",
+    "metrics.`test.rouge_l`",
+)
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags every experiment of the project gets: its kind (model training) and the saved runs view."""
+    name_column = "attributes.`Run Name`"  # wide enough for `stage_run_name`'s names
+    state = {"selectedColumns": list(RUNS_VIEW_COLUMNS), "columnOrder": [name_column, *RUNS_VIEW_COLUMNS],
+             "columnWidths": {name_column: 400}}  # fmt: skip
+    now = int(time.time() * 1000)
+    view = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW_ID}": json.dumps(view)}
+
+
+# MLflow 3.17's UI shows an experiment as GenAI or model training by its sidebar switch (remembered per browser,
+# GenAI at first), whatever the experiment's kind; this query parameter picks model training for the page.
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None, *, view: bool = False) -> str | None:
+    """The MLflow UI's page of a run, or of the experiment's runs (`view`: in the saved view `RUNS_VIEW_ID`),
+    opened as model training, when `uri` is a tracking server (http/https: it serves the UI); None for a
+    local store."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+    page = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    if run_id:
+        return f"{page}/{run_id}?{UI_MODEL_TRAINING}"
+    return f"{page}?viewStateShareKey={RUNS_VIEW_ID}&{UI_MODEL_TRAINING}" if view else f"{page}?{UI_MODEL_TRAINING}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +524,7 @@ def _git(args: list[str], cwd) -> str:
 
 
 def _default_tags(stage_tag: dict[str, str], preset: str | None) -> dict[str, str]:
-    tags = {**stage_tag, "scratchgpt_version": __version__}
+    tags = {**_env_tags(), **stage_tag, "scratchgpt_version": __version__}
     if preset is not None:
         tags["preset"] = preset
     git = git_info()
@@ -480,6 +535,33 @@ def _default_tags(stage_tag: dict[str, str], preset: str | None) -> dict[str, st
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
+
+
+def _env_tags() -> dict[str, str]:
+    """The tags in `SCRATCHGPT_MLFLOW_TAGS` (a JSON object); {} when unset, a warning when malformed."""
+    text = os.environ.get(ENV_RUN_TAGS, "").strip()
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError:
+        tags = None
+    if not isinstance(tags, dict):
+        log.warning("%s is not a JSON object of tags; ignored: %.200s", ENV_RUN_TAGS, text)
+        return {}
+    return {str(k): _param_str(v) for k, v in tags.items()}
+
+
+def stage_run_name(stage: str, details: Sequence[str] = (), preset: str | None = None) -> str:
+    """A stage run's name, telling it from the other runs of the stage at a glance: the stage, what
+    distinguishes the run (`details`, e.g. "lora r16"), the preset, and the DVC experiment it belongs to
+    (`DVC_EXP_NAME`), e.g. `lora-cls-finetune · lora r16 · preset cpu · exp cls-lora`."""
+    parts = [stage, *(d for d in details if d)]
+    if preset:
+        parts.append(f"preset {preset}")
+    if os.environ.get("DVC_EXP_NAME"):
+        parts.append(f"exp {os.environ['DVC_EXP_NAME']}")
+    return " · ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,17 +793,19 @@ def stage_run(
     run_name: str | None = None,
     enabled: bool = True,
     tags: Mapping[str, Any] | None = None,
+    details: Sequence[str] = (),
 ) -> Iterator[StageRun]:
     """Open one MLflow run for one execution of DVC stage `stage`; end it when the block exits.
 
     Logs `params` (mapping or dataclass, flattened to `a.b` keys; the full params also as the
     `params.json` artifact) and tags `dvc_stage`, `preset`, `git_commit`, `git_dirty`,
-    `scratchgpt_version`. Nests under `SCRATCHGPT_MLFLOW_PARENT_RUN_ID` when set. An exception in
-    the block ends the run FAILED (KILLED for Ctrl-C) and propagates. `enabled=False` (e.g. on
-    DDP ranks other than 0) or `SCRATCHGPT_TRACKING=0` yields a no-op run.
+    `scratchgpt_version` (and those of `SCRATCHGPT_MLFLOW_TAGS`). Named by `stage_run_name` (with
+    `details`) unless `run_name` is given. Nests under `SCRATCHGPT_MLFLOW_PARENT_RUN_ID` when set. An
+    exception in the block ends the run FAILED (KILLED for Ctrl-C) and propagates. `enabled=False` (e.g.
+    on DDP ranks other than 0) or `SCRATCHGPT_TRACKING=0` yields a no-op run.
     """
-    with _run({"dvc_stage": stage}, params, preset, experiment, run_name or stage, enabled, tags,
-              advice=STAGE_ADVICE) as run:  # fmt: skip
+    name = run_name or stage_run_name(stage, details, preset)
+    with _run({"dvc_stage": stage}, params, preset, experiment, name, enabled, tags, advice=STAGE_ADVICE) as run:
         yield run
 
 
