@@ -220,6 +220,7 @@ def pipeline(
     selected = orch.select_stages(orch.read_stages(root), stages)
     requested = _requested(root, preset, hardware, overrides)
     orch.resolve_overrides(read_params(root / "params.yaml"), requested)  # refuse bad overrides before waiting
+    tracking.check_store(_tracking_uri(root))  # an unreachable store fails the run before any task
 
     flow_run_name = runtime_flow_run.name or "local"
     holder = {"flow_run": flow_run_name, "flow_run_id": str(runtime_flow_run.id or ""),
@@ -293,8 +294,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         "push": push,
         "override": {k: orch.yaml_value(v) for k, v in changes.items()},
     }
-    uri = os.environ.get(tracking.ENV_TRACKING_URI) and tracking.tracking_uri()
-    uri = uri or f"sqlite:///{root / tracking.DB_NAME}"
+    uri = _tracking_uri(root)
     results: list[dict[str, Any]] = []
     failure: Exception | None = None
     with tracking.pipeline_run(
@@ -338,6 +338,11 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
     logger.info("pipeline completed: %s", ", ".join(f"{r['stage']} {r['state']}" for r in results))
     return results
 
+
+def _tracking_uri(root: Path) -> str:
+    """$MLFLOW_TRACKING_URI, else the checkout's own store (the flow may run elsewhere)."""
+    uri = os.environ.get(tracking.ENV_TRACKING_URI) and tracking.tracking_uri()
+    return uri or f"sqlite:///{root / tracking.DB_NAME}"
 
 def _finished(state: State) -> PrefectFuture:
     """A finished task run as `wait_for` takes it, to draw an edge from it. Not its State: Prefect would look
@@ -484,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         orch.select_stages(orch.read_stages(root), args.stages)
         hardware = _hardware(args.device, args.precision, args.nproc)
         orch.resolve_overrides(read_params(root / "params.yaml"), _requested(root, args.preset, hardware, overrides))
-    except (ParamsError, orch.PipelineError) as exc:
+        tracking.check_store(_tracking_uri(root))
+    except (ParamsError, orch.PipelineError, tracking.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import mlflow  # noqa: F401  # the flow's first MLflow call would import it; do it while the server boots

@@ -25,6 +25,7 @@ from scratchgpt.pipeline.judge import JudgeError
 from scratchgpt.pipeline.stage import StageError
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.plumbing.tracking import TrackingError
 
 log = logging.getLogger("stages.evaluate")
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parser(__doc__, params=True).parse_args(argv)
     cli.setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per judge request
-    errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, JudgeError)
+    errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, JudgeError,
+              TrackingError)  # fmt: skip
     metrics = cli.run_stage(lambda: run_evaluate(load_section(EvaluateParams, "evaluate", args.params)), errors, log)
     test, judge = metrics["test"], metrics.get("judge")
     log.info(

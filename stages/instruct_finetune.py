@@ -25,6 +25,7 @@ from scratchgpt.pipeline.instruct_finetune import InstructParams, run_instruct_f
 from scratchgpt.pipeline.stage import StageError
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.plumbing.tracking import TrackingError
 from scratchgpt.train import distributed
 from scratchgpt.train.state import CheckpointMismatchError
 from scratchgpt.train.trainer import NonFiniteLossError
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parser(__doc__, params=True).parse_args(argv)
     cli.setup_stage_logging()
     errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
-              CheckpointMismatchError, ValueError)  # fmt: skip
+              CheckpointMismatchError, ValueError, TrackingError)  # fmt: skip
 
     def run() -> dict[str, float] | None:
         params = load_section(InstructParams, "instruct", args.params)

@@ -17,12 +17,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from scratchgpt.data.datasets import DatasetError
 from scratchgpt.data.download import DownloadError, DownloadParams
 from scratchgpt.nn.checkpoint import CheckpointError
 from scratchgpt.pipeline.load_gpt2 import LoadGPT2Params, LoadGPT2Paths, run_load_gpt2
 from scratchgpt.pipeline.stage import StageError
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.plumbing.tracking import TrackingError
 
 log = logging.getLogger("stages.load_gpt2")
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return run_load_gpt2(params, download, paths)
 
-    metrics = cli.run_stage(run, (ParamsError, DownloadError, CheckpointError, StageError, FileNotFoundError), log)
+    errors = (ParamsError, DownloadError, CheckpointError, StageError, FileNotFoundError, DatasetError, TrackingError)
+    metrics = cli.run_stage(run, errors, log)
     log.info(
         "base: %d parameters, val loss %.3f (perplexity %.1f)",
         metrics["parameters"], metrics["val_loss"], metrics["val_perplexity"],

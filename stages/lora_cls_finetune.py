@@ -26,6 +26,7 @@ from scratchgpt.pipeline.lora_cls_finetune import ClsParams, run_lora_cls_finetu
 from scratchgpt.pipeline.stage import StageError
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.plumbing.tracking import TrackingError
 from scratchgpt.train import distributed
 from scratchgpt.train.state import CheckpointMismatchError
 from scratchgpt.train.trainer import NonFiniteLossError
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cli.setup_stage_logging()
     errors = (ParamsError, DatasetError, CheckpointError, StageError, FileNotFoundError, NonFiniteLossError,
-              CheckpointMismatchError)  # fmt: skip
+              CheckpointMismatchError, TrackingError)  # fmt: skip
 
     def run() -> dict[str, float] | None:
         params = load_section(ClsParams, "cls", args.params)

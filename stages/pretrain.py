@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from scratchgpt.data.datasets import SampleParams
+from scratchgpt.data.datasets import DatasetError, SampleParams
 from scratchgpt.pipeline.pretrain import PretrainParams, PretrainPaths, run_pretrain
 from scratchgpt.pipeline.stage import StageError
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
+from scratchgpt.plumbing.tracking import TrackingError
 from scratchgpt.train import distributed
 from scratchgpt.train.state import CheckpointMismatchError
 from scratchgpt.train.trainer import NonFiniteLossError
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         distributed.launch(params.train.nproc)  # train.nproc > 1: rerun this script under torchrun
         return run_pretrain(params, sample, paths)
 
-    errors = (ParamsError, NonFiniteLossError, CheckpointMismatchError, StageError, FileNotFoundError)
+    errors = (ParamsError, NonFiniteLossError, CheckpointMismatchError, StageError, FileNotFoundError,
+              DatasetError, TrackingError)  # fmt: skip
     metrics = cli.run_stage(run, errors, log, cleanup=distributed.teardown)
     if metrics is not None:
         log.info(

@@ -218,7 +218,7 @@ def test_classify_command_reads_arguments_stdin_and_files(workdir: Path):
     set_cls(workdir, {"mode": "last-block"})
     run_stage()
     model_dir = str(workdir / "models" / "spam-classifier")
-    cmd = [sys.executable, "-m", "scratchgpt.apps.classify", "--model", model_dir]
+    cmd = [sys.executable, "-m", "scratchgpt.classify", "--model", model_dir]
     args = subprocess.run([*cmd, "Free entry! Text WIN now", "lunch?"], capture_output=True, text=True, check=True)
     lines = args.stdout.splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in LABELS for line in lines)

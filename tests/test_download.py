@@ -10,11 +10,13 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 from http_server import FileServer, Route
 
 from scratchgpt.data.download import (
@@ -22,6 +24,7 @@ from scratchgpt.data.download import (
     DownloadError,
     DownloadParams,
     FileRecord,
+    OfflineError,
     UnsafeArchiveError,
     copy_capped,
     download_all,
@@ -29,6 +32,7 @@ from scratchgpt.data.download import (
     manifest,
     metrics,
     mirror_from_env,
+    unreachable_reason,
 )
 from scratchgpt.data.sources import SOURCES, Source
 from scratchgpt.plumbing.params import ParamsError, from_dict
@@ -224,11 +228,37 @@ def test_read_timeout_is_retried(params: DownloadParams) -> None:
     assert (Path(params.out_dir) / "file.bin").read_bytes() == data
 
 
-def test_connection_refused_gives_up(params: DownloadParams) -> None:
+def test_a_refused_connection_is_retried_once_then_called_offline(params: DownloadParams) -> None:
+    params.retries, params.backoff, params.max_backoff = 4, 0.2, 5.0
     with FileServer({}) as server:
-        url = server.url("/f.bin")
-    with pytest.raises(DownloadError, match="giving up after 3 attempt.*ConnectionError"):
+        url = server.url("/f.bin")  # nothing listens there any more
+    started = time.monotonic()
+    with pytest.raises(OfflineError, match=r"cannot connect \(connection refused\), 2 attempt\(s\)"):
         download_source(plain(url, b"x"), params)
+    assert time.monotonic() - started < 1.5  # one retry after 0.2 s, not four doubling ones (3 s)
+
+
+def test_what_counts_as_offline_and_what_keeps_its_backoff() -> None:
+    import socket
+
+    import requests
+    import urllib3
+    from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NameResolutionError, NewConnectionError
+
+    conn = urllib3.connection.HTTPSConnection("raw.githubusercontent.com", 443)  # not connected
+
+    def failed(reason: Exception, kind: type = requests.ConnectionError) -> requests.RequestException:
+        return kind(MaxRetryError(None, "/f", reason))  # as requests raises them
+
+    resolve = NameResolutionError("raw.githubusercontent.com", conn, socket.gaierror(-2, "Name or service not known"))
+    assert unreachable_reason(failed(resolve)) == "host name not resolved"
+    refused = NewConnectionError(conn, "Failed to establish a new connection: [Errno 111] Connection refused")
+    assert unreachable_reason(failed(refused)) == "connection refused"
+    proxy = urllib3.exceptions.ProxyError("Unable to connect to proxy", refused)
+    assert unreachable_reason(failed(proxy, requests.exceptions.ProxyError)) == "connection refused"
+    assert unreachable_reason(failed(ConnectTimeoutError(conn, "timed out"), requests.ConnectTimeout)) is None
+    assert unreachable_reason(requests.ReadTimeout("read timed out")) is None
+    assert unreachable_reason(requests.exceptions.ChunkedEncodingError("connection broken")) is None
 
 
 # ------------------------------------------------------------------------------------------ archives
@@ -434,6 +464,24 @@ def test_stage_script_with_mirror(tmp_path: Path, mirror: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics").exists() or not any((tmp_path / "metrics").iterdir())
     assert not (tmp_path / "data" / "raw-manifest.json").exists()
+
+
+def test_the_stage_offline_without_a_mirror_stops_after_one_retry_and_says_how_to_make_one(tmp_path: Path) -> None:
+    """The issue's third case (16 s of retries on a name-resolution failure, no word of the mirror). Offline is
+    made for real with a proxy that refuses connections: no request leaves 127.0.0.1."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": yaml.safe_load(
+        (REPO / "params.yaml").read_text())["download"]}))  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("SCRATCHGPT_MIRROR", "NO_PROXY")}
+    env.update(HTTPS_PROXY=dead, https_proxy=dead, HTTP_PROXY=dead, http_proxy=dead)
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "download.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert "the-verdict.txt: cannot connect (connection refused), 2 attempt(s). This machine looks offline" in line
+    assert "set SCRATCHGPT_MIRROR=DIR" in line and "`python -m scratchgpt.mirror DIR`" in line
+    assert proc.stderr.count("retry 1/1 in 1.00 s") == 1 and "retry 2/" not in proc.stderr
+    assert not (tmp_path / "data" / "raw").exists() or not any((tmp_path / "data" / "raw").iterdir())
 
 
 @pytest.mark.slow

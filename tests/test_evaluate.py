@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +20,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_stage
-from ollama_server import FakeOllama, Reply, Status
+from ollama_server import FakeOllama, Reply, Slow, Status
 
 from scratchgpt.data.datasets import build_instruction_table
 from scratchgpt.data.tokenizer import gpt2_tokenizer
@@ -106,6 +111,20 @@ def expected_response_loss(work: Path) -> float:
     return total / count
 
 
+def test_the_response_loss_does_not_depend_on_the_batch_size(project: Path):
+    from scratchgpt.apps.instruct import InstructionDataset
+    from scratchgpt.nn.checkpoint import load_model
+    from scratchgpt.pipeline.evaluate import response_loss
+
+    model = load_model(project / "models" / "instruct")
+    test = InstructionDataset(project / "data" / "processed" / "instruct" / "test.parquet")
+    want = expected_response_loss(project)
+    for batch_size in (1, 3, 4):
+        loss, examples, tokens = response_loss(model, test, batch_size, torch.device("cpu"))
+        assert loss == pytest.approx(want, rel=1e-5) and examples == 4, batch_size
+        assert tokens == sum(len(ids) - n_prompt + 1 for ids, n_prompt in (test[i] for i in range(4)))
+
+
 def mlflow_run(work: Path):
     runs = mlflow.search_runs(experiment_names=["scratchgpt"], filter_string="tags.dvc_stage = 'evaluate'",
                               output_format="list")  # fmt: skip
@@ -145,6 +164,7 @@ def test_without_a_judge(project: Path):
     assert metrics["instruct"] == {"train_loss": 2.5, "val_loss": 2.75}
     test = metrics["test"]
     assert test["examples"] == 4 and test["loss_examples"] == 4 and test["truncated_examples"] == 0
+    assert test["loss_tokens"] > 4
     assert test["exact_match"] == 0.25
     assert test["rouge_l"] == pytest.approx(sum(c[4] for c in CASES) / 4)
     assert test["distinct_responses"] == 4 and test["empty_responses"] == 1
@@ -157,6 +177,7 @@ def test_without_a_judge(project: Path):
     assert "| pretrain | validation loss | 6.250 |" in report and "| instruct-finetune | train loss | 2.500 |" in report
     assert "| evaluate | exact match | 1 of 4 (25.0%) |" in report
     assert f"| evaluate | ROUGE-L F1, mean | {test['rouge_l']:.3f} |" in report
+    assert f"| response tokens the loss averages over | {test['loss_tokens']} |" in report
     assert "metrics/cls.json not found (run `dvc repro lora-cls-finetune`)" in report
     assert "| lora-cls-finetune | spam classifier test accuracy | — |" in report
     assert "![Pretraining loss](../plots/pretrain_loss.png)" in report
@@ -252,3 +273,41 @@ def test_inputs_are_checked_before_any_work(project: Path, caplog):
         run_stage()
     assert "needs the `openai` client" in caplog.text
     assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
+
+
+@pytest.mark.slow
+def test_a_judge_run_killed_mid_way_resumes_asking_only_for_the_rest(project: Path):
+    scores = {"Jane Austen": "95", "simile": "30", "mercury": "10", "kilometers": "80"}
+
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        return Reply(next(score for key, score in scores.items() if key in prompt))
+
+    def stalls_after_two(body: dict):
+        return answer(body) if len(first.chats) <= 2 else Slow(600, "0")  # the third request never returns
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TQDM_DISABLE": "1"}
+    with FakeOllama(stalls_after_two) as first:
+        set_params(project, judge="ollama", url=first.url, model="llama3", retries=0, timeout=600.0)
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "evaluate.py")], cwd=project, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(first.chats) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        stderr = proc.communicate(timeout=60)[1].decode()
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    cache = project / "data" / "judge-cache.jsonl"
+    assert len(cache.read_text().splitlines()) == 2  # the two verdicts it got survived the kill
+    assert not (project / "metrics" / "eval.json").exists()
+
+    with FakeOllama(answer) as second:
+        set_params(project, url=second.url)  # another address of the same judge: the verdicts still count
+        run_stage()
+        asked = [c["messages"][0]["content"] for c in second.chats]
+    assert len(asked) == 2 and "mercury" in asked[0] and "kilometers" in asked[1]  # only the rest
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["judge"] == {"judged": 4, "unparseable": 0, "failed": 0, "mean_score": 53.75}
+    assert "cache" not in json.dumps(metrics)  # kept out of the metrics
+    assert [s["judge_score"] for s in json.loads((project / "reports" / "eval_scores.json").read_text())] == [
+        95, 30, 10, 80]  # fmt: skip

@@ -99,6 +99,7 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
     metrics = json.loads((workdir / "metrics" / "instruct.json").read_text())
     assert metrics["steps"] == 24 // 4 and metrics["test_responses"] == 6 and metrics["trainable_share"] == 1.0
     assert 5 < metrics["val_loss"] < 11.5 and metrics["tokens_per_s"] > 0 and metrics["response_tokens_per_s"] > 0
+    assert "val_loss_batch_mean" not in metrics  # only when asked for (the book preset)
 
     responses = json.loads((workdir / "data" / "responses" / "instruct_test.json").read_text())
     test = InstructionDataset(workdir / "data" / "processed" / "instruct" / "test.parquet")
@@ -132,7 +133,7 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
     pieces = list(stream_response(model, tok, test.records[0]["instruction"], test.records[0]["input"],
                                   max_new_tokens=8))  # fmt: skip
     assert "".join(pieces) == responses[0]["model_response"]
-    cmd = [sys.executable, "-m", "scratchgpt.apps.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
+    cmd = [sys.executable, "-m", "scratchgpt.chat", "--model", "models/instruct", "--max-new-tokens", "8"]
     once = subprocess.run([*cmd, "--once", test.records[0]["instruction"], "--input", test.records[0]["input"]],
                           capture_output=True, text=True, check=True, cwd=workdir)  # fmt: skip
     assert once.stdout == "".join(pieces) + "\n"
@@ -142,10 +143,14 @@ def test_stage_trains_saves_and_answers_the_test_split(workdir: Path):
 
 
 def test_lora_method_trains_adapters_and_saves_merged_weights(workdir: Path):
-    set_instruct(workdir, {"method": "lora", "lora_rank": 2, "lora_alpha": 4.0, "mask_prompt": True})
+    set_instruct(workdir, {"method": "lora", "lora_rank": 2, "lora_alpha": 4.0, "mask_prompt": True,
+                           "batch_mean_loss": True})  # fmt: skip
     run_stage()
     metrics = json.loads((workdir / "metrics" / "instruct.json").read_text())
     assert 0 < metrics["trainable_share"] < 0.05
+    # the book's per-batch means beside the token means: with masked prompts, not the same number
+    assert 5 < metrics["val_loss_batch_mean"] < 11.5 and metrics["val_loss_batch_mean"] != metrics["val_loss"]
+    assert "train_loss_batch_mean" in metrics
     weights = read_safetensors(workdir / "models" / "instruct" / "model.safetensors")
     assert not any(name.endswith((".A", ".B")) for name in weights)
     base = read_safetensors(workdir / "models" / "base" / "model.safetensors")
@@ -190,6 +195,7 @@ def test_book_preset_is_chapter_7():
     t = p.train
     assert (t.epochs, t.batch_size, t.lr, t.weight_decay, t.seed) == (2, 8, 5e-5, 0.1, 123)
     assert (t.eval_freq, t.eval_iter, t.lr_schedule, t.grad_clip) == (5, 5, "constant", 0.0)
+    assert p.batch_mean_loss  # the book's per-batch mean losses, beside the token means
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ from ollama_server import FakeOllama, Reply, Slow, Status
 
 from scratchgpt.pipeline.judge import (
     MAX_CONSECUTIVE_FAILURES,
+    JudgeCache,
     JudgeError,
+    Judgement,
     OllamaJudge,
     _same_model,
     judge_all,
@@ -156,3 +158,56 @@ def test_a_server_that_is_not_ollama_is_not_a_judge():
         url = server.url("")
         with pytest.raises(JudgeError, match=rf"cannot reach the ollama judge at {url} .*404"):
             OllamaJudge(url, "llama3", timeout=5.0, retries=0).probe()
+
+
+# --- the cache that lets a killed run resume ---------------------------------------------------------
+
+
+def scored(record: dict) -> Reply:
+    return Reply(str(len(record["model_response"]) % 101))
+
+
+def test_the_cache_keeps_each_verdict_as_it_arrives_and_a_rerun_asks_only_for_the_rest(tmp_path):
+    records = [{**RECORD, "model_response": f"answer {'x' * i}"} for i in range(6)]
+    path = tmp_path / "judge-cache.jsonl"
+    by_prompt = {score_prompt(r): r for r in records}
+    with FakeOllama(answer=lambda body: scored(by_prompt[body["messages"][0]["content"]])) as server:
+        with judge_for(server) as judge:
+            judge.probe()
+            first = judge_all(judge, records[:4], cache=JudgeCache(path, judge))
+            assert len(server.chats) == 4 and len(path.read_text().splitlines()) == 4
+            again = judge_all(judge, records, cache=JudgeCache(path, judge))  # a new process reads the file
+        assert len(server.chats) == 6  # only the two it had not judged
+    assert again[:4] == first and [v.score for v in again] == [int(scored(r).text) for r in records]
+
+
+def test_a_line_cut_short_by_a_kill_is_skipped_and_later_verdicts_stay_readable(tmp_path):
+    path = tmp_path / "judge-cache.jsonl"
+    with FakeOllama(answer=lambda body: Reply("70")) as server, judge_for(server) as judge:
+        judge.probe()
+        cache = JudgeCache(path, judge)
+        cache.put(RECORD, Judgement("scored", 70, "70"))
+        with path.open("ab") as f:
+            f.write(b'{"key": "abc", "status": "sco')  # a kill in the middle of a write
+        other = {**RECORD, "model_response": "another answer"}
+        JudgeCache(path, judge).put(other, Judgement("unparseable", None, "seventy"))
+        reread = JudgeCache(path, judge)
+    assert reread.get(RECORD) == Judgement("scored", 70, "70")
+    assert reread.get(other) == Judgement("unparseable", None, "seventy")
+
+
+def test_the_cache_is_keyed_by_judge_model_digest_and_prompt_and_keeps_no_failures(tmp_path):
+    path = tmp_path / "judge-cache.jsonl"
+    with FakeOllama(models=["llama3:latest", "mistral:latest"]) as server:
+        llama, mistral = judge_for(server), OllamaJudge(server.url, "mistral", timeout=5.0, retries=0)
+        llama.probe()
+        mistral.probe()
+        JudgeCache(path, llama).put(RECORD, Judgement("scored", 80, "80"))
+        JudgeCache(path, llama).put({**RECORD, "output": "x"}, Judgement("failed", error="timed out"))
+        assert JudgeCache(path, llama).get(RECORD) == Judgement("scored", 80, "80")
+        assert JudgeCache(path, mistral).get(RECORD) is None  # another model
+        assert JudgeCache(path, llama).get({**RECORD, "model_response": "other"}) is None  # another prompt
+        assert JudgeCache(path, llama).get({**RECORD, "output": "x"}) is None  # a failure is asked again
+        llama.digest = "sha256:a-new-pull"
+        assert JudgeCache(path, llama).get(RECORD) is None  # the same name pulled anew is another judge
+    assert len(path.read_text().splitlines()) == 1

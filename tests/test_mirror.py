@@ -110,7 +110,7 @@ def test_command_mirrors_the_real_sources(tmp_path: Path, mirror_dir: Path, monk
 
 
 def test_command_help_and_bad_source() -> None:
-    run = [sys.executable, "-m", "scratchgpt.data.mirror"]
+    run = [sys.executable, "-m", "scratchgpt.mirror"]
     result = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "usage: python -m scratchgpt.mirror" in result.stdout
     assert "SCRATCHGPT_MIRROR=DIR" in result.stdout

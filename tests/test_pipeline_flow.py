@@ -260,6 +260,23 @@ def test_bad_overrides_and_stages_are_refused_before_any_stage_runs(flow_module,
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+def test_an_unreachable_tracking_store_fails_the_flow_before_its_first_task(flow_module, prefect_server, project,
+                                                                            monkeypatch):  # fmt: skip
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    state = run_flow(flow_module, prefect_server, project)
+    assert state.is_failed() and f"MLflow tracking store {url} is not reachable" in state.message, state.message
+    assert "SCRATCHGPT_TRACKING=0" in state.message
+    with prefect_client(prefect_server) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        assert client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))) == []
+    assert not (project.root / "dvc.lock").exists() and not (project.root / "data").exists()
+    # the command line: one line, exit 2, before a flow run exists
+    proc = project.run(sys.executable, "flows/pipeline.py", check=False, timeout=120, env={"MLFLOW_TRACKING_URI": url})
+    assert proc.returncode == 2 and f"error: MLflow tracking store {url} is not reachable" in proc.stderr, proc.stderr
+
+
 def test_the_pipeline_runs_end_to_end_then_a_rerun_skips_every_stage(first_run, flow_module, prefect_server, project):
     state, _, took = first_run
     assert state.is_completed(), state.message

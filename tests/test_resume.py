@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys, time
     import torch
     from torch.utils.data import Dataset
-    from scratchgpt.train.losses import lm_loss
+    from scratchgpt.train.losses import Loss, lm_loss
     from scratchgpt.nn.model import GPTConfig, GPTModel
     from scratchgpt.train.callbacks import Callback
     from scratchgpt.train.trainer import Trainer
@@ -49,11 +49,12 @@ CHILD = textwrap.dedent(
             return self.seq[i, :-1], self.seq[i, 1:], i
 
     seen = []
-    def loss_fn(model, batch):
+    def mean(model, batch):
         x, y, idx = batch
         if model.training:
             seen.extend(idx.tolist())
         return lm_loss(model, (x, y))
+    loss_fn = Loss(mean, lm_loss.units)
 
     class Log(Callback):
         def on_step(self, trainer, loss):

@@ -19,6 +19,7 @@ from scratchgpt.plumbing.tracking import StageRun, flatten_params, pipeline_run,
 
 _ENV = (
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
     "MLFLOW_RUN_ID",
     "DVC_ROOT",
     "DVC_EXP_NAME",
@@ -346,6 +347,7 @@ def test_nested_under_parent_from_env_parent_stays_running(env_store, monkeypatc
         env = parent.child_env()
         assert env == {
             "MLFLOW_TRACKING_URI": env_store,
+            "MLFLOW_REGISTRY_URI": env_store,
             tracking.ENV_EXPERIMENT: "t-nest",
             tracking.ENV_PARENT_RUN_ID: parent.run_id,
         }
@@ -386,6 +388,40 @@ def test_logging_from_threads_by_run_id(env_store):
     c = client(env_store)
     for k in range(3):
         assert [m.value for m in c.get_metric_history(run.run_id, f"m{k}")] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_run_sets_mlflows_tracking_and_registry_uri_to_its_store_and_puts_them_back(env_store, tmp_path, monkeypatch):
+    import mlflow
+
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    default = f"sqlite:///{tmp_path}/mlflow.db"
+    with stage_run("evaluate", {}, experiment="t-uris") as run:
+        # MLflow's own lookups (e.g. of a logged model while registering) and subprocesses see the run's store
+        assert run.tracking_uri == mlflow.get_tracking_uri() == mlflow.get_registry_uri() == default
+        assert os.environ["MLFLOW_TRACKING_URI"] == os.environ["MLFLOW_REGISTRY_URI"] == default
+        assert run.client._registry_uri == default
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_store)
+    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == env_store  # nothing left pinned
+
+
+def test_registry_uri_naming_another_store_is_a_clear_error_before_any_run(env_store, tmp_path, monkeypatch):
+    other = f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", other)
+    with (
+        pytest.raises(ValueError, match=f"MLFLOW_REGISTRY_URI={other} is not the tracking store {env_store}"),
+        stage_run("pretrain", {}, experiment="t-registry"),
+    ):
+        pytest.fail("the block must not run")
+    assert not (tmp_path / "registry.db").exists()
+    assert client(env_store).get_experiment_by_name("t-registry") is None
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", env_store)  # the same store is fine
+    with stage_run("pretrain", {}, experiment="t-registry") as run:
+        pass
+    assert client(env_store).get_run(run.run_id).info.status == "FINISHED"
 
 
 def test_env_tracking_uri_wins_over_project_store(env_store, project, monkeypatch):

@@ -24,7 +24,7 @@ from scratchgpt.plumbing.params import ParamsError, from_dict, parse_yaml
 from scratchgpt.train.callbacks import Callback
 from scratchgpt.train.config import TrainConfig
 from scratchgpt.train.distributed import DistInfo
-from scratchgpt.train.losses import lm_loss
+from scratchgpt.train.losses import Loss, lm_loss
 from scratchgpt.train.optim import lr_at, param_groups
 from scratchgpt.train.state import (
     STATE_FILE,
@@ -401,7 +401,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     out = tmp_path / "ckpt"
     calls = {"n": 0}
 
-    def loss_nan_at_step_7(model, batch):
+    def nan_at_step_7(model, batch):
         loss = lm_loss(model, batch)
         if model.training:
             calls["n"] += 1
@@ -411,7 +411,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 
     model = tiny_model()
     with pytest.raises(NonFiniteLossError, match=r"nan at step 7 .*checkpoint \(step 6\)"):
-        fit(out, config(epochs=2, checkpoint_every=3), model, loss_fn=loss_nan_at_step_7)
+        fit(out, config(epochs=2, checkpoint_every=3), model, loss_fn=Loss(nan_at_step_7, lm_loss.units))
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the update was not applied
     state = read_trainer_state(out)
     assert state["step"] == 6 and not state["finished"]

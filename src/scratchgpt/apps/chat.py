@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = checkpoint.load_model(args.model, distributed.resolve_device(args.device))
         tokenizer = gpt2_tokenizer(args.model)
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except checkpoint.CheckpointError as exc:
+        raise SystemExit(
+            f"error: cannot load {args.model}: {exc}. The instruct-finetune stage writes models/instruct: restore it "
+            "with `dvc checkout --force models/instruct`, or make it again with `dvc repro instruct-finetune`"
+        ) from exc
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: cannot load {args.model}: {exc}") from exc
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k}
 

@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from scratchgpt.data.datasets import DatasetError
+from scratchgpt.data.datasets import DatasetError, read_parquet
 from scratchgpt.data.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
 from scratchgpt.nn import checkpoint
 from scratchgpt.nn.model import GPTConfig, GPTModel
@@ -37,6 +36,8 @@ from scratchgpt.train.losses import classification_logits
 log = logging.getLogger(__name__)
 
 PAD_ID = 50256  # <|endoftext|>, as the book pads
+REMAKE = ("The lora-cls-finetune stage writes models/spam-classifier: restore it with `dvc checkout --force "
+          "models/spam-classifier`, or make it again with `dvc repro lora-cls-finetune`")  # fmt: skip
 
 
 class ClassificationDataset(Dataset):
@@ -47,7 +48,7 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], max_length: int, labels: Sequence[str]) -> None:
         self.path = Path(path)
-        table = pq.read_table(self.path, columns=["token_ids", "label"])
+        table = read_parquet(self.path, columns=["token_ids", "label"])
         self.labels = [int(v) for v in table.column("label").to_pylist()]
         bad = [(i, v) for i, v in enumerate(self.labels) if not 0 <= v < len(labels)]
         if bad:
@@ -200,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     texts = _read_texts(args)
     try:
         results = classify_texts(args.model, texts, batch_size=args.batch_size, device=args.device)
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except checkpoint.CheckpointError as exc:
+        raise SystemExit(f"error: {exc}. {REMAKE}") from exc
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     for text, (label, prob) in zip(texts, results, strict=True):
         if args.json:

@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from scratchgpt.data.datasets import DatasetError, format_prompt
+from scratchgpt.data.datasets import DatasetError, format_prompt, read_parquet
 from scratchgpt.nn.generate import generate_batch
 from scratchgpt.nn.model import GPTModel
 
@@ -38,7 +37,7 @@ class InstructionDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        table = pq.read_table(self.path)
+        table = read_parquet(self.path)
         missing = {"prompt_ids", "response_ids", "instruction", "input", "output"} - set(table.column_names)
         if missing:
             raise DatasetError(f"{self.path}: missing column(s) {sorted(missing)}")

@@ -202,34 +202,44 @@ def log_and_register(run: StageRun, spec: ModelSpec, model_dir: str | os.PathLik
     """The MLflow model of `spec` around `model_dir`, logged to `run` and registered as a new version.
 
     Goes through `run`'s client (explicit run id and store, never MLflow's process-wide active run), and
-    logs `registry_time_s` (what logging and registering took) to the run.
+    logs `registry_time_s` (what logging and registering took) to the run. A store that fails raises one
+    TrackingError (`run.guard`): the model directory is already written, and a rerun registers it.
     """
     if not (run.enabled and registry_enabled()):
         return None
-    from mlflow.entities import LoggedModelOutput
-
     missing = [n for n in (checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE) if not (Path(model_dir) / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: no model to log as {spec.name!r}")
+    run.flush()  # what the run logged in the background first: a failed store is reported before any upload
     started = time.perf_counter()
+    with run.guard(f"registering the {spec.name} model"):
+        version, model_id = _log_and_register(run, spec, Path(model_dir), metrics, tags)
+    seconds = time.perf_counter() - started
+    run.log_metrics({"registry_time_s": seconds})
+    log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, model_id, seconds)
+    return version
+
+
+def _log_and_register(run: StageRun, spec: ModelSpec, model_dir: Path, metrics: Mapping[str, float],
+                      tags: Mapping[str, Any] | None) -> tuple[Any, str]:  # fmt: skip
+    """The registered ModelVersion and the logged model's id."""
+    from mlflow.entities import LoggedModelOutput
+
     client = run.client
     version_tags = {**{k: f"{metrics[k]:.6g}" for k in spec.headline if k in metrics}, **(tags or {})}
     logged = client.create_logged_model(run.experiment_id, name=spec.name, source_run_id=run.run_id,
                                         tags={k: str(v) for k, v in version_tags.items()})  # fmt: skip
     try:
         with tempfile.TemporaryDirectory(prefix="scratchgpt-model-") as tmp, _quiet_artifact_progress():
-            _save(spec, Path(model_dir), Path(tmp), run.run_id, logged)
+            _save(spec, model_dir, Path(tmp), run.run_id, logged)
             client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
     except BaseException:
-        client.finalize_logged_model(logged.model_id, "FAILED")
+        with contextlib.suppress(Exception):  # the store may be what failed: report the first error, not this
+            client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     client.finalize_logged_model(logged.model_id, "READY")
     client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    version = _register(client, spec, logged.model_id, run.run_id, version_tags, metrics)
-    seconds = time.perf_counter() - started
-    run.log_metrics({"registry_time_s": seconds})
-    log.info("registered %s version %s (model %s) in %.1f s", spec.name, version.version, logged.model_id, seconds)
-    return version
+    return _register(client, spec, logged.model_id, run.run_id, version_tags, metrics), logged.model_id
 
 
 @contextlib.contextmanager

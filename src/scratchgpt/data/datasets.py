@@ -15,10 +15,11 @@ Three datasets, as in the book:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,24 @@ ROW_GROUP_BYTES = 1 << 16
 
 class DatasetError(ValueError):
     """Input data that cannot become a dataset: malformed records, unknown labels, too little data."""
+
+
+def read_parquet(path: str | os.PathLike[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet split as a table; DatasetError naming the file when it is truncated or not Parquet."""
+    with _readable_parquet(path):
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+
+
+@contextlib.contextmanager
+def _readable_parquet(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Arrow's error on a file cut short ("Parquet magic bytes not found in footer") as a DatasetError."""
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        first = str(exc).split(". ")[0]
+        raise DatasetError(f"{path} is truncated or corrupt (not a readable Parquet file: {first})") from exc
 
 
 @dataclass
@@ -355,7 +374,8 @@ class TokenWindowDataset(Dataset):
         if self._file is None:
             if not self.path.is_file():
                 raise DatasetError(f"{self.path}: window file not found")
-            self._file = pq.ParquetFile(pa.memory_map(str(self.path), "r"))
+            with _readable_parquet(self.path):
+                self._file = pq.ParquetFile(pa.memory_map(str(self.path), "r"))
         return self._file
 
     def __getstate__(self) -> dict[str, Any]:

@@ -64,6 +64,11 @@ class UnsafeArchiveError(DownloadError):
     """An archive tries to write outside its target (zip slip) or to expand past the size bound."""
 
 
+class OfflineError(DownloadError):
+    """The host cannot be reached at all (its name does not resolve, or the connection is refused or has no
+    route): this machine looks offline. Retried once, not with the full backoff."""
+
+
 @dataclass
 class DownloadParams:
     """`download` section of params.yaml."""
@@ -149,9 +154,37 @@ def mirror_from_env(env: Mapping[str, str] | None = None) -> Path | None:
 class _Retryable(Exception):
     """A transient failure: try again after a backoff (or after the server's Retry-After)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, offline: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.offline = offline
+
+
+OFFLINE_RETRIES = 1
+"""Retries of a host that cannot be reached at all (name resolution, connection refused, no route): one, in
+case the network was just coming up; the full backoff is for timeouts, cut connections and 5xx answers."""
+
+
+def unreachable_reason(exc: requests.RequestException) -> str | None:
+    """Why the connection could not even be made, if that is what `exc` says ("host name not resolved",
+    "connection refused", ...); None for timeouts and failures of an open connection."""
+    import urllib3.exceptions as u3
+
+    if isinstance(exc, requests.Timeout) or not isinstance(exc, requests.ConnectionError):
+        return None
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(reason, u3.ProxyError) and len(reason.args) > 1:  # a proxy that cannot be reached
+        reason = reason.args[1]
+    if isinstance(reason, u3.NameResolutionError):
+        return "host name not resolved"
+    if isinstance(reason, u3.NewConnectionError):
+        text = str(reason)
+        for needle, short in (("refused", "connection refused"), ("unreachable", "network unreachable"),
+                              ("No route", "no route to host")):  # fmt: skip
+            if needle in text:
+                return short
+        return "cannot connect"
+    return None
 
 
 def fetch_url(
@@ -169,8 +202,10 @@ def fetch_url(
     """Download `url` into the partial file `part`, resuming what is already there; return its sha256.
 
     Transient failures (connection errors, timeouts, a body cut short, HTTP 408/425/429/5xx) are retried
-    up to `retries` times with exponential backoff. Other HTTP errors (404, 403, ...) fail at once. On
-    final failure `part` keeps the bytes received so far, for the next call to resume.
+    up to `retries` times with exponential backoff. A host that cannot be reached at all (name resolution,
+    connection refused: offline) is retried `OFFLINE_RETRIES` time(s), then raises OfflineError. Other HTTP
+    errors (404, 403, ...) fail at once. On final failure `part` keeps the bytes received so far, for the
+    next call to resume.
     """
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +216,8 @@ def fetch_url(
             try:
                 return _fetch_once(session, url, part, (connect_timeout, read_timeout), chunk_size)
             except _Retryable as exc:
+                if exc.offline and attempt >= min(retries, OFFLINE_RETRIES):
+                    raise OfflineError(f"{url}: cannot connect ({exc}), {attempt + 1} attempt(s)") from exc
                 if attempt == retries:
                     kept = part.stat().st_size if part.exists() else 0
                     raise DownloadError(
@@ -190,7 +227,8 @@ def fetch_url(
                 delay = min(max_backoff, backoff * 2**attempt)
                 if exc.retry_after is not None:
                     delay = min(max_backoff, max(delay, exc.retry_after))
-                log.warning("%s: %s; retry %d/%d in %.2f s", url, exc, attempt + 1, retries, delay)
+                allowed = min(retries, OFFLINE_RETRIES) if exc.offline else retries
+                log.warning("%s: %s; retry %d/%d in %.2f s", url, exc, attempt + 1, allowed, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
     finally:
@@ -259,6 +297,9 @@ def _fetch_once(
                 raise _Retryable(f"connection ended after {size} of {total} bytes")
             return hasher.hexdigest()
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        unreachable = unreachable_reason(exc)
+        if unreachable is not None:
+            raise _Retryable(unreachable, offline=True) from exc
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -49,14 +49,22 @@ def save_model(model: GPTModel, directory: str | os.PathLike[str], *, extra: dic
 
 
 def load_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The whole `config.json` of a checkpoint directory."""
+    """The whole `config.json` of a checkpoint directory (CheckpointError naming it if it is unreadable)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_FILE} in checkpoint directory {Path(directory)}")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if "model" not in config:
+    config = read_json(path)
+    if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(f"{path} has no 'model' section")
     return config
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file of a checkpoint; CheckpointError naming it when it is truncated or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt (not valid JSON: {exc})") from exc
 
 
 def load_model(
@@ -81,8 +89,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except SafetensorError as exc:  # a header that is cut short or does not cover the file
+        raise CheckpointError(f"{path} is truncated or corrupt (not a readable safetensors file: {exc})") from exc
 
 
 def load_weights(model: GPTModel, tensors: Mapping[str, Tensor]) -> None:
@@ -177,7 +188,7 @@ def load_hf_gpt2(
     weights_file = path / WEIGHTS_FILE if path.is_dir() else path
     config_file = weights_file.parent / CONFIG_FILE
     tensors = _strip_hf_prefix(read_safetensors(weights_file))
-    hf_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    hf_config = read_json(config_file) if config_file.is_file() else {}
     if _is_ours(tensors, hf_config):
         raise CheckpointError(
             f"{path} is a scratchgpt checkpoint (written by save_model), not a Hugging Face GPT-2 one: "

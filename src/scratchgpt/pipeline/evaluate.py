@@ -3,10 +3,12 @@
 `EvaluateParams` is the `evaluate` section of params.yaml; `run_evaluate` does the whole stage:
 - checks its inputs and, when a judge is chosen, that the judge answers (JudgeError naming the URL),
   before any work;
-- on the test split: the response-token loss and perplexity of models/instruct (prompt targets
-  masked, as `instruction_collate(mask_prompt=True)`), and, for the responses the instruct-finetune
-  stage wrote, exact match (after whitespace normalization) and ROUGE-L against the references;
-- the judge's 0-100 score of each response (`scratchgpt.pipeline.judge`), when a judge is chosen;
+- on the test split: the response-token loss (the mean over every response token) and perplexity of
+  models/instruct (prompt targets masked, as `instruction_collate(mask_prompt=True)`), and, for the
+  responses the instruct-finetune stage wrote, exact match (after whitespace normalization) and ROUGE-L
+  against the references;
+- the judge's 0-100 score of each response (`scratchgpt.pipeline.judge`), when a judge is chosen; each
+  verdict is kept in data/judge-cache.jsonl as it arrives, so a rerun after a kill asks only for the rest;
 - the pipeline's headline numbers from the other stages' metrics files (a missing file is reported,
   not fatal);
 - writes metrics/eval.json, reports/eval.md and reports/eval_scores.json, and logs one MLflow run.
@@ -33,7 +35,7 @@ from scratchgpt.data.datasets import INSTRUCTION_KEYS, DatasetError
 from scratchgpt.nn import checkpoint
 from scratchgpt.nn.model import GPTModel
 from scratchgpt.pipeline import report, stage
-from scratchgpt.pipeline.judge import JUDGES, Judgement, OllamaJudge, judge_all, summarize
+from scratchgpt.pipeline.judge import JUDGES, JudgeCache, Judgement, OllamaJudge, judge_all, summarize
 from scratchgpt.plumbing import fileio, tracking
 from scratchgpt.plumbing.params import check_choice, check_int, check_number, check_str, flatten
 from scratchgpt.train import distributed
@@ -100,6 +102,8 @@ class EvaluatePaths:
     metrics: Path = Path("metrics/eval.json")
     report: Path = Path("reports/eval.md")
     scores: Path = Path("reports/eval_scores.json")
+    judge_cache: Path = Path("data/judge-cache.jsonl")
+    """The judge's verdicts so far (not a DVC output): a rerun after a kill asks only for the rest."""
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,13 @@ def rouge_l(responses: Sequence[str], references: Sequence[str]) -> list[float]:
 
 def response_loss(
     model: GPTModel, test: InstructionDataset, batch_size: int, device: torch.device
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Mean cross-entropy of the response tokens (and the end-of-text after them) given the prompt.
 
     Examples are cut to the model's context; one whose prompt fills the context has no response
-    target left and is left out. The mean is over batches of per-token means, weighted by the
-    examples in each batch (`train.evaluation.evaluate_dataset`). Returns the loss and the examples used.
+    target left and is left out. The mean is over every response token of the examples used
+    (`train.evaluation.evaluate_dataset`), so it does not depend on `batch_size`. Returns the loss,
+    the examples used and the tokens it averages over.
     """
     context = model.cfg.context_length
     usable = [i for i, prompt in enumerate(test.prompts) if len(prompt) <= context]
@@ -177,7 +182,8 @@ def response_loss(
     collate = instruction_collate(mask_prompt=True, allowed_max_length=context)
     subset = Subset(test, usable) if len(usable) < len(test) else test
     loss = evaluate_dataset(model, subset, lm_loss, batch_size=batch_size, device=device, collate_fn=collate)["loss"]
-    return loss, len(usable)
+    tokens = sum(lm_loss.units(collate([subset[i]])) for i in range(len(subset)))
+    return loss, len(usable), tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,30 +283,34 @@ def make_judge(params: EvaluateParams) -> OllamaJudge | None:
 
 def run_evaluate(params: EvaluateParams, paths: EvaluatePaths = EvaluatePaths()) -> dict[str, Any]:
     """Run the stage; returns the metrics written."""
+    stage.check_tracking()
     stage.require_files([paths.model_dir / checkpoint.WEIGHTS_FILE, paths.responses], "instruct-finetune")
     stage.require_files([paths.test_split], "sample-to-parquet")
-    test = InstructionDataset(paths.test_split)
+    with stage.made_by("sample-to-parquet", paths.test_split):
+        test = InstructionDataset(paths.test_split)
     if len(test) == 0:
         raise DatasetError(f"{paths.test_split}: the test split is empty")
     records = read_responses(paths.responses, test.records)
-    base = base_record(paths.model_dir)
     device = distributed.resolve_device(params.device)
+    with stage.made_by("instruct-finetune", paths.model_dir):
+        base = base_record(paths.model_dir)
+        model = checkpoint.load_model(paths.model_dir, map_location=device)
     judge = make_judge(params)  # before any work: an unusable judge fails here
     try:
         tags = {"judge": params.judge if judge is None else judge.describe()}
         details = ["no judge" if judge is None else f"judge {params.model}"]
         with tracking.stage_run(STAGE, {"evaluate": params}, tags=tags, details=details) as run:
-            return _evaluate(params, paths, test, records, base, device, judge, run)
+            return _evaluate(params, paths, test, records, base, model, device, judge, run)
     finally:
         if judge is not None:
             judge.close()
 
 
-def _evaluate(params, paths, test, records, base, device, judge, run) -> dict[str, Any]:
-    model = checkpoint.load_model(paths.model_dir, map_location=device)
-    loss, loss_examples = response_loss(model, test, params.batch_size, device)
+def _evaluate(params, paths, test, records, base, model, device, judge, run) -> dict[str, Any]:
+    loss, loss_examples, loss_tokens = response_loss(model, test, params.batch_size, device)
     context = model.cfg.context_length
-    log.info("test response loss %.4f (perplexity %.2f) on %d examples", loss, _exp(loss), loss_examples)
+    log.info("test response loss %.4f (perplexity %.2f): the mean over %d response tokens of %d examples", loss,
+             _exp(loss), loss_tokens, loss_examples)  # fmt: skip
 
     responses = [r[RESPONSE_KEY] for r in records]
     references = [r["output"] for r in records]
@@ -309,7 +319,7 @@ def _evaluate(params, paths, test, records, base, device, judge, run) -> dict[st
     judgements: list[Judgement] | None = None
     if judge is not None:
         log.info("judging %d responses with %s", len(records), judge.describe())
-        judgements = judge_all(judge, records, total=len(records))
+        judgements = judge_all(judge, records, total=len(records), cache=JudgeCache(paths.judge_cache, judge))
 
     per_example = [
         {"index": i, **record, "exact_match": exact[i], "rouge_l": rouge[i], **_judge_fields(judgements, i)}
@@ -321,6 +331,7 @@ def _evaluate(params, paths, test, records, base, device, judge, run) -> dict[st
         "response_loss": loss,
         "response_perplexity": _exp(loss),
         "loss_examples": loss_examples,
+        "loss_tokens": loss_tokens,
         "truncated_examples": sum(len(ex) > context for ex in test.examples),
         "exact_match": sum(exact) / len(exact),
         "rouge_l": sum(rouge) / len(rouge),

@@ -63,6 +63,10 @@ class InstructParams:
     """0: greedy (the book); above 0: sampling with this temperature (seeded by train.seed)."""
     generate_batch_size: int = 16
     """Test prompts generated together."""
+    batch_mean_loss: bool = False
+    """Also report the book's train/val losses (`train_loss_batch_mean`, `val_loss_batch_mean`): the mean over
+    evaluation batches of each batch's token mean, which depends on batch_size. train_loss and val_loss are
+    token means. The book preset sets it, to compare with the losses the book prints."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimizer, schedule, batching, evaluation, checkpointing, device and precision."""
 
@@ -76,6 +80,7 @@ class InstructParams:
         check_int(self, "max_new_tokens", 1)
         check_number(self, "temperature", 0)
         check_int(self, "generate_batch_size", 1)
+        check_bool(self, "batch_mean_loss")
         if not isinstance(self.train, TrainConfig):
             raise ValueError("train must be a mapping")
 
@@ -107,9 +112,11 @@ def run_instruct_finetune(
     params: InstructParams, paths: InstructPaths = InstructPaths()
 ) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
+    stage.check_tracking()
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
     splits = stage.load_splits(paths.data_dir, InstructionDataset)
-    context = checkpoint.load_config(paths.base_dir)["model"]["context_length"]
+    with stage.made_by("load-gpt2", paths.base_dir):
+        context = checkpoint.load_config(paths.base_dir)["model"]["context_length"]
     if params.max_new_tokens >= context:
         raise ValueError(f"instruct.max_new_tokens ({params.max_new_tokens}) must be below the base's context "
                          f"length ({context})")  # fmt: skip
@@ -118,7 +125,8 @@ def run_instruct_finetune(
     fingerprint = stage.finetune_fingerprint(STAGE, "instruct", params, paths.base_dir, data)
     info, _ = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
-    model = build_model(params, paths.base_dir)
+    with stage.made_by("load-gpt2", paths.base_dir):
+        model = build_model(params, paths.base_dir)
     trainable, total = lora.count_parameters(model)
     log.info(
         "instruction fine-tuning (%s) of a %s-parameter base (%s trainable) on %d train / %d val examples",
@@ -137,6 +145,7 @@ def run_instruct_finetune(
             model, lm_loss, splits["train"], splits["val"], params.train, paths.checkpoint_dir,
             collate_fn=collate, callbacks=[TrackingCallback(run)], sampler=sampler,
             fingerprint=fingerprint, checkpoint_extra={"instruct": dataclasses.asdict(params)}, desc=STAGE,
+            batch_mean_loss=params.batch_mean_loss,
         )  # fmt: skip
         result = trainer.fit()
         if not info.is_main:
@@ -184,9 +193,11 @@ def generate_responses(model: GPTModel, test: InstructionDataset, tokenizer, par
 def stage_metrics(result: TrainResult, trainable: int, total: int, n_responses: int, new_tokens: int,
                   gen_time: float) -> dict[str, float]:  # fmt: skip
     """What `metrics/instruct.json` reports (numbers only)."""
+    book = {k: result.final[k] for k in ("train_loss_batch_mean", "val_loss_batch_mean") if k in result.final}
     return {
         "train_loss": result.final["train_loss"],
         "val_loss": result.final["val_loss"],
+        **book,
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_per_s,
         "trainable_parameters": trainable,

@@ -12,17 +12,28 @@ that is not an integer from 0 to 100 (whitespace aside; the book's `int(reply)`,
 as `unparseable`. Neither stops the run, but `MAX_CONSECUTIVE_FAILURES` failed records in a row mean
 the judge went away: that raises JudgeError.
 
+A `JudgeCache` keeps each verdict as it arrives (one JSON line, synced to disk): a judge run killed
+mid-way (Ctrl-C, SIGKILL, a lost server) keeps what it got, and the rerun asks only for the rest. Keyed
+by the judge (backend, model and, as the server reports it, the model's digest), the request options and
+the prompt's sha256, so another judge, model or response is asked afresh. Scores and unparseable replies
+are kept (the request is deterministic); failed requests are not.
+
 Backends: `ollama` (Ollama's native `/api/chat`). An OpenAI-compatible backend would need the `openai`
 client, which is not a dependency of scratchgpt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from scratchgpt.data.datasets import format_prompt
 from scratchgpt.plumbing.progress import progress_bar
@@ -120,9 +131,15 @@ class OllamaJudge:
         self.backoff = backoff
         self._sleep = sleep
         self._client = ollama.Client(host=url, timeout=timeout)
+        self.digest: str | None = None
+        """The served model's digest (set by `probe`): a new pull of the same name is another judge."""
 
     def describe(self) -> str:
         return f"ollama model {self.model!r} at {self.url}"
+
+    def identity(self) -> dict[str, object]:
+        """What makes two verdicts comparable: backend, model (and digest) and the request options."""
+        return {"backend": "ollama", "model": self.model, "digest": self.digest, "options": OPTIONS}
 
     def probe(self) -> None:
         """Check, in at most `PROBE_TIMEOUT` seconds, that the server answers and has the model.
@@ -141,11 +158,13 @@ class OllamaJudge:
         except Exception as exc:  # any failure here means the judge cannot be used
             raise JudgeError(f"cannot reach the ollama judge at {self.url} ({_describe(exc)}). {hint}") from exc
         names = [m.model for m in listed.models if m.model]
-        if not any(_same_model(self.model, name) for name in names):
+        served = [m for m in listed.models if m.model and _same_model(self.model, m.model)]
+        if not served:
             raise JudgeError(
                 f"the ollama judge at {self.url} has no model {self.model!r} (it has: {', '.join(names) or 'none'}). "
                 f"Pull it there (`ollama pull {self.model}`) or set evaluate.model"
             )
+        self.digest = served[0].digest or None
 
     def ask(self, prompt: str) -> tuple[str, int]:
         """The judge's reply to `prompt` and the attempts it took; JudgeRequestError after the retries."""
@@ -183,13 +202,75 @@ class OllamaJudge:
         self.close()
 
 
-def judge_all(judge: OllamaJudge, records: Iterable[Mapping[str, str]], *, total: int | None = None) -> list[Judgement]:
-    """Judge every record in order (progress bar on a terminal); JudgeError when the judge stops answering."""
+class JudgeCache:
+    """Verdicts received so far, one JSON line each in `path` (appended and synced as each arrives)."""
+
+    def __init__(self, path: str | os.PathLike[str], judge: OllamaJudge) -> None:
+        self.path = Path(path)
+        self._judge = json.dumps(judge.identity(), sort_keys=True)
+        self._verdicts: dict[str, Judgement] = {}
+        if self.path.is_file():
+            self._read()
+
+    def key(self, record: Mapping[str, str]) -> str:
+        """sha256 of the judge's identity and the prompt `record` makes."""
+        return hashlib.sha256(f"{self._judge}\n{score_prompt(record)}".encode()).hexdigest()
+
+    def get(self, record: Mapping[str, str]) -> Judgement | None:
+        return self._verdicts.get(self.key(record))
+
+    def put(self, record: Mapping[str, str], verdict: Judgement) -> None:
+        """Keep `verdict` (a score or an unparseable reply: what asking again would give; not a failure)."""
+        if verdict.status == "failed":
+            return
+        key = self.key(record)
+        self._verdicts[key] = verdict
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": key, **dataclasses.asdict(verdict)}, ensure_ascii=False)
+        with self.path.open("a+b") as f:  # appends go to the end whatever was read
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # end a line a kill cut short: it is skipped on reading
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read(self) -> None:
+        fields = {f.name for f in dataclasses.fields(Judgement)}
+        for line in self.path.read_bytes().splitlines():
+            try:
+                entry = json.loads(line)
+                self._verdicts[entry.pop("key")] = Judgement(**{k: v for k, v in entry.items() if k in fields})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line cut short by a kill
+
+
+def judge_all(
+    judge: OllamaJudge,
+    records: Iterable[Mapping[str, str]],
+    *,
+    total: int | None = None,
+    cache: JudgeCache | None = None,
+) -> list[Judgement]:
+    """Judge every record in order (progress bar on a terminal); JudgeError when the judge stops answering.
+
+    With a `cache`, a record it holds a verdict for is not sent again, and each new verdict goes into it.
+    """
+    records = list(records)
+    cached = [cache.get(record) if cache is not None else None for record in records]
+    if cache is not None and any(cached):
+        log.info("judge: %d of %d verdicts from %s (an earlier run's); asking for the other %d",
+                 len(records) - cached.count(None), len(records), cache.path, cached.count(None))  # fmt: skip
     out: list[Judgement] = []
     in_a_row = 0
     with progress_bar(show=None, total=total, desc="judging", unit="response") as bar:
         for index, record in enumerate(records):
-            verdict = judge.judge(record)
+            verdict = cached[index]
+            if verdict is None:
+                verdict = judge.judge(record)
+                if cache is not None:
+                    cache.put(record, verdict)
             if verdict.status == "failed":
                 log.warning("record %d: judge request failed: %s", index, verdict.error)
                 in_a_row += 1

@@ -201,7 +201,8 @@ def load_base(params: LoadGPT2Params, paths: LoadGPT2Paths, download: DownloadPa
     if base == "pretrain":
         weights = paths.pretrain_dir / checkpoint.WEIGHTS_FILE
         stage.require_files([weights], "pretrain")
-        model = checkpoint.load_model(paths.pretrain_dir)
+        with stage.made_by("pretrain", paths.pretrain_dir):
+            model = checkpoint.load_model(paths.pretrain_dir)
         return model, {"kind": "pretrain", "path": str(paths.pretrain_dir), "sha256": fileio.sha256_file(weights)}
     if base in OFFICIAL:
         pin = OFFICIAL[base]
@@ -256,6 +257,7 @@ def run_load_gpt2(
     params: LoadGPT2Params, download: DownloadParams, paths: LoadGPT2Paths = LoadGPT2Paths()
 ) -> dict[str, Any]:
     """Run the stage; returns the metrics written."""
+    stage.check_tracking()
     val_file = paths.data_dir / "val.parquet"
     stage.require_files([val_file], "sample-to-parquet")
     tokenizer = gpt2_tokenizer(paths.vocab_dir)
@@ -263,7 +265,8 @@ def run_load_gpt2(
     with tracking.stage_run(STAGE, {"load_gpt2": params}, details=[f"base {_short(params.base)}"]) as run:
         model, source = load_base(params, paths, download)
         cfg = model.cfg
-        val = TokenWindowDataset(val_file)
+        with stage.made_by("sample-to-parquet", val_file):
+            val = TokenWindowDataset(val_file)
         if val.max_length > cfg.context_length:
             raise ParamsError(
                 f"the base's context ({cfg.context_length}) is shorter than the val windows ({val.max_length})"
@@ -289,9 +292,9 @@ def run_load_gpt2(
             "val_perplexity": math.exp(min(loss, 700.0)),
             "val_windows": min(len(val), (params.eval_batches or len(val)) * params.batch_size),
         }
+        fileio.write_json(paths.metrics, metrics)  # the outputs first: tracking may fail
         run.set_tags({f"source.{k}": v for k, v in source.items()})
         run.log_metrics(metrics)
         run.log_text(text, "samples/start_context.txt")
-        fileio.write_json(paths.metrics, metrics)
         run.log_artifact(paths.out_dir / checkpoint.CONFIG_FILE)
     return metrics

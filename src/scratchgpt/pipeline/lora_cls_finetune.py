@@ -132,14 +132,17 @@ def build_model(params: ClsParams, base_dir: Path) -> GPTModel:
 
 def run_lora_cls_finetune(params: ClsParams, paths: ClsPaths = ClsPaths()) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
+    stage.check_tracking()
     stage.require_files([paths.base_dir / checkpoint.WEIGHTS_FILE], "load-gpt2")
-    base_cfg = checkpoint.load_config(paths.base_dir)["model"]
+    with stage.made_by("load-gpt2", paths.base_dir):
+        base_cfg = checkpoint.load_config(paths.base_dir)["model"]
     splits = load_splits(params, paths, base_cfg["context_length"])
     data = {split: ds.path for split, ds in splits.items()}
     fingerprint = stage.finetune_fingerprint(STAGE, "cls", params, paths.base_dir, data)
     info, device = distributed.setup(params.train.device)
     seed_everything(params.train.seed)
-    model = build_model(params, paths.base_dir)
+    with stage.made_by("load-gpt2", paths.base_dir):
+        model = build_model(params, paths.base_dir)
     trainable, total = lora.count_parameters(model)
     log.info(
         "fine-tuning %s of a %s-parameter base (%s trainable, %.2f%%) on %d train / %d val / %d test texts",

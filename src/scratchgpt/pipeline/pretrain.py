@@ -122,12 +122,14 @@ def run_pretrain(
     paths: PretrainPaths = PretrainPaths(),
 ) -> dict[str, float] | None:
     """Run the stage; returns the metrics written (None on DDP ranks other than 0)."""
+    stage.check_tracking()
     cfg = check_params(params, sample)
     split_files = {split: paths.data_dir / f"{split}.parquet" for split in ("train", "val")}
     stage.require_files(split_files.values(), "sample-to-parquet")
     code = stage.code_digest(STAGE)
-    train_ds = TokenWindowDataset(paths.data_dir / "train.parquet")
-    val_ds = TokenWindowDataset(paths.data_dir / "val.parquet")
+    with stage.made_by("sample-to-parquet", paths.data_dir):
+        train_ds = TokenWindowDataset(paths.data_dir / "train.parquet")
+        val_ds = TokenWindowDataset(paths.data_dir / "val.parquet")
     for name, ds in (("train", train_ds), ("val", val_ds)):
         if ds.max_length > cfg.context_length:
             raise ParamsError(

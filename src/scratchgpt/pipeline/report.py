@@ -123,6 +123,7 @@ def _responses_section(test: Mapping[str, Any], examples: Sequence[Mapping[str, 
     ]
     if test["loss_examples"] < test["examples"]:
         lines.append(f"| examples in the loss (the others' prompts fill the context) | {test['loss_examples']} |")
+    lines.append(f"| response tokens the loss averages over | {test['loss_tokens']} |")
     return lines
 
 
@@ -204,7 +205,8 @@ def _method_section(files: Mapping[str, str | os.PathLike[str]]) -> list[str]:
         f"- **Response loss**: the cross-entropy of `{_path(files['model'])}` on the test split "
         f"(`{_path(files['test'])}`) with the prompt's targets masked, so only the reference response and "
         "the end-of-text after it count (the book's collate with `mask_prompt`); examples are cut to the "
-        "model's context. The mean is over batches of per-token means. Perplexity is its exponential.",
+        "model's context. The mean is over every response token of the test split, so it does not depend on "
+        "the batch size. Perplexity is its exponential.",
         "- **Exact match**: the response equals the reference after stripping and collapsing whitespace "
         "(case and punctuation count).",
         "- **ROUGE-L**: the F-measure of the longest common subsequence of words (`rouge-score`, "

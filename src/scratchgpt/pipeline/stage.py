@@ -9,10 +9,11 @@ its script imports, directly or through each other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,32 @@ def data_digest(files: Mapping[str, str | os.PathLike[str]]) -> dict[str, str]:
     return {name: fileio.sha256_file(path) for name, path in files.items()}
 
 
+def check_tracking() -> None:
+    """Before any work: a tracking store that cannot be reached fails the stage at once, in one line naming it
+    and the ways out (`tracking.check_store`; only in the process that tracks, rank 0 under torchrun)."""
+    from scratchgpt.plumbing import tracking
+
+    tracking.check_store(enabled=int(os.environ.get("RANK", "0")) == 0)
+
+
 def require_files(paths: Iterable[str | os.PathLike[str]], producer: str) -> None:
     """FileNotFoundError naming the first missing input and the stage that makes it."""
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run the {producer} stage first")
+
+
+@contextlib.contextmanager
+def made_by(producer: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """An unreadable input (a truncated or corrupt model or Parquet split: CheckpointError, DatasetError) read
+    in the block is reported with the two ways to a good copy of `path`, an output of stage `producer`."""
+    try:
+        yield
+    except (checkpoint.CheckpointError, DatasetError) as exc:
+        raise type(exc)(
+            f"{exc}. {path} is an output of the {producer} stage: restore it (`dvc checkout --force {path}`) or "
+            f"make it again (`dvc repro {producer}`)"
+        ) from exc
 
 
 SPLITS = ("train", "val", "test")
@@ -89,7 +111,8 @@ def load_splits(data_dir: Path, open_split: Callable[[Path], Any]) -> dict[str, 
     `open_split`; a missing file or an empty split is refused before any training."""
     files = {split: data_dir / f"{split}.parquet" for split in SPLITS}
     require_files(files.values(), "sample-to-parquet")
-    splits = {split: open_split(path) for split, path in files.items()}
+    with made_by("sample-to-parquet", data_dir):
+        splits = {split: open_split(path) for split, path in files.items()}
     for split, ds in splits.items():
         if len(ds) == 0:
             raise DatasetError(f"{files[split]}: the {split} split is empty")

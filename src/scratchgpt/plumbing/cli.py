@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from scratchgpt.plumbing.fileio import DiskFullError, disk_full_errno
+
 T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -17,6 +19,9 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 def setup_logging(level: int = logging.INFO) -> None:
     """Timestamped `logger LEVEL message` lines on stderr."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    # urllib3 logs each retry of MLflow's HTTP client as a WARNING with the whole exception; the tracking
+    # module says once, in its own words, what failed (docs/faults.md).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def parser(doc: str | None, *, params: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
@@ -49,12 +54,18 @@ def run_stage(
 ) -> T:
     """`run()`; an `expected` error (bad params, missing input, ...) is logged as one line and exits 1.
 
+    A full disk is always expected: `DiskFullError`, or any error that reports ENOSPC/EFBIG/EDQUOT.
     `cleanup` (e.g. `distributed.teardown`) runs in every case.
     """
     try:
         return run()
-    except expected as exc:
+    except (*expected, DiskFullError) as exc:
         log.error("%s", exc)
+        raise SystemExit(1) from exc
+    except Exception as exc:
+        if disk_full_errno(exc) is None:
+            raise
+        log.error("%s: the disk is full (%s)", type(exc).__name__, exc)
         raise SystemExit(1) from exc
     finally:
         if cleanup is not None:

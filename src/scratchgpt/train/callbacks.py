@@ -33,8 +33,12 @@ class Callback:
 
 
 class TrackingCallback(Callback):
-    """Send evaluations and samples to a tracking run (anything with `log_metrics` and `log_text`,
-    e.g. `scratchgpt.plumbing.tracking.StageRun`)."""
+    """Send evaluations and samples to a tracking run (anything with `log_params`, `log_metrics` and `log_text`
+    taking `synchronous=`, e.g. `scratchgpt.plumbing.tracking.StageRun`).
+
+    Every call is `synchronous=False`: the run logs in the background, so a tracking store that is slow or
+    gone never stops or slows the training loop (the stage's final, synchronous logging reports it).
+    """
 
     def __init__(self, run: Any) -> None:
         self.run = run
@@ -49,14 +53,16 @@ class TrackingCallback(Callback):
                     "device": str(trainer.device),
                     "resumed_from_step": trainer.resumed_from_step,
                 }
-            }
+            },
+            synchronous=False,
         )
         # A resumed run's tracking run starts empty: give it the curve so far.
         for record in trainer.history:
             self.on_eval(trainer, record)
 
     def on_eval(self, trainer: Trainer, record: dict[str, float]) -> None:
-        self.run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+        self.run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]),
+                             synchronous=False)  # fmt: skip
 
     def on_sample(self, trainer: Trainer, sample: dict[str, Any]) -> None:
-        self.run.log_text(sample["text"], f"samples/epoch_{sample['epoch']:03d}.txt")
+        self.run.log_text(sample["text"], f"samples/epoch_{sample['epoch']:03d}.txt", synchronous=False)

@@ -29,38 +29,56 @@ def evaluate_dataset(
     max_batches: int | None = None,
     dist: DistInfo | None = None,
     eval_model: nn.Module | None = None,
+    batch_mean: bool = False,
 ) -> dict[str, float]:
     """Mean loss (and metrics) of `model` over the first `max_batches` global batches of `dataset`.
 
     A global batch is `batch_size * world_size` samples (None: the whole set). The samples are shared
-    out among ranks and the sums all-reduced, so every rank gets the same answer, equal to a single
-    process's with batch size `batch_size * world_size`. Means are weighted by batch size. The
-    model (`eval_model`, when `model` is a compiled wrapper of it) is in eval mode meanwhile.
+    out among ranks and the sums all-reduced, so every rank gets the same answer. `loss` is the mean
+    over every unit of those samples (`loss_fn.units`: the target tokens that count, or the examples),
+    so it does not depend on `batch_size` or the world size. A metric is a per-example mean of each
+    batch, weighted by the batch's examples. With `batch_mean`, `loss_batch_mean` is the loss
+    averaged the same way, each batch's mean weighted by its examples: the book's `calc_loss_loader`
+    (for full batches), which depends on `batch_size` when batches hold different numbers of units
+    (batches without any are left out of it). The model (`eval_model`, when `model` is a compiled
+    wrapper of it) is in eval mode meanwhile.
     """
     dist = dist or DistInfo()
     collate_fn = collate_fn or default_collate
     metric_fns = dict(metric_fns or {})
     n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * dist.world_size)
     mine = list(range(dist.rank, n, dist.world_size))
-    names = ["loss", *metric_fns]
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(len(names) + 1, dtype=dtype, device=device)
+    # loss x units, units, batch mean x examples, examples of batches with units, each metric x examples, examples
+    sums = torch.zeros(len(metric_fns) + 5, dtype=dtype, device=device)
     module = eval_model if eval_model is not None else model
     was_training = module.training
     module.eval()
     try:
         for i in range(0, len(mine), batch_size):
             chunk = mine[i : i + batch_size]
-            batch = to_device(collate_fn([dataset[j] for j in chunk]), device)
+            batch = collate_fn([dataset[j] for j in chunk])
+            units = loss_fn.units(batch)
+            batch = to_device(batch, device)
             with autocast(device, precision):
-                values = [loss_fn(model, batch)] + [fn(model, batch) for fn in metric_fns.values()]
-            for k, v in enumerate(values):
-                sums[k] += v.detach().to(dtype) * len(chunk)
+                loss = loss_fn(model, batch).detach().to(dtype)
+                metrics = [fn(model, batch).detach().to(dtype) for fn in metric_fns.values()]
+            if units:  # a batch without units has a NaN mean and adds nothing
+                sums[0] += loss * units
+                sums[1] += units
+                sums[2] += loss * len(chunk)
+                sums[3] += len(chunk)
+            for k, value in enumerate(metrics):
+                sums[4 + k] += value * len(chunk)
             sums[-1] += len(chunk)
     finally:
         module.train(was_training)
     distributed.all_reduce_sum(sums, dist)
-    count = sums[-1].item()
-    if count == 0:
+    if sums[-1].item() == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    return {name: sums[k].item() / count for k, name in enumerate(names)}
+    if sums[1].item() == 0:
+        raise ValueError(f"cannot evaluate the loss: every target of the {int(sums[-1].item())} examples is ignored")
+    out = {"loss": (sums[0] / sums[1]).item()}
+    if batch_mean:
+        out["loss_batch_mean"] = (sums[2] / sums[3]).item()
+    return out | {name: (sums[4 + k] / sums[-1]).item() for k, name in enumerate(metric_fns)}

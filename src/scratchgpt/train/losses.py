@@ -1,30 +1,70 @@
-"""Loss functions with the trainer's signature `(model, batch) -> scalar tensor`."""
+"""Loss functions for the trainer: a batch's mean loss, and how many units that mean runs over.
+
+A loss function is called as `loss_fn(model, batch) -> scalar tensor` (the mean over the batch's units)
+and says what it averages over with `loss_fn.units(batch) -> int`: the target tokens that count for a
+language model (those not set to -100), the examples for a classifier. The trainer weighs each
+micro-batch's mean by its units over the whole optimizer step's (every micro-batch, every process),
+so a step minimises one mean over every unit it saw, whatever the batch size, accumulation or world
+size; evaluation reports the same unit-level mean. Wrap any other loss as `Loss(mean_fn, units_fn)`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""`loss_fn(model, batch) -> scalar tensor`: the mean loss of a batch already on the device."""
+IGNORE_INDEX = -100
+"""A target with this value is not learned from (padding, masked prompts) and is not a unit."""
+
+
+class LossFn(Protocol):
+    """`loss_fn(model, batch) -> scalar tensor`: the mean loss of a batch already on the device, over
+    `loss_fn.units(batch)` units (called on the batch as collated, before it moves to the device)."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor: ...
+
+    def units(self, batch: Any) -> int: ...
+
+
 MetricFn = Callable[[nn.Module, Any], Tensor]
-"""`metric_fn(model, batch) -> scalar tensor`: a per-batch mean (e.g. accuracy), evaluated only."""
+"""`metric_fn(model, batch) -> scalar tensor`: a per-example mean (e.g. accuracy), evaluated only."""
 
 
-def lm_loss(model: nn.Module, batch: Any) -> Tensor:
+@dataclass(frozen=True)
+class Loss:
+    """A `LossFn` made of `mean(model, batch)` and `units(batch)`, the number of units that mean runs over."""
+
+    mean: Callable[[nn.Module, Any], Tensor]
+    units: Callable[[Any], int]
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.mean(model, batch)
+
+
+def target_tokens(batch: Any) -> int:
+    """Targets of a batch `(inputs, targets, ...)` that count: those not set to -100."""
+    return int((batch[1] != IGNORE_INDEX).sum())
+
+
+def token_cross_entropy(model: nn.Module, batch: Any) -> Tensor:
     """Next-token cross-entropy of `model(inputs)` against `targets` for a batch `(inputs, targets)`.
 
     The mean runs over every target position except those set to -100 (padding in instruction
-    data). Logits are upcast to float32 first, so the loss is computed in full precision under
-    bf16 autocast.
+    data); with none left it is NaN. Logits are upcast to float32 first, so the loss is computed in
+    full precision under bf16 autocast.
     """
     inputs, targets = batch
     logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+lm_loss = Loss(token_cross_entropy, target_tokens)
+"""The language-modelling loss: `token_cross_entropy`, averaged over `target_tokens`."""
 
 
 # --- sequence classification (the book's chapter 6) ---------------------------------------------
@@ -45,13 +85,19 @@ def classification_logits(model: nn.Module, batch: Any, pool: str) -> Tensor:
     return logits[torch.arange(inputs.shape[0], device=inputs.device), lengths - 1]
 
 
-def classification_loss(pool: str) -> Callable[[nn.Module, Any], Tensor]:
-    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`)."""
+def labelled_examples(batch: Any) -> int:
+    """Examples of a batch `(inputs, lengths, labels)`: one label each."""
+    return len(batch[2])
+
+
+def classification_loss(pool: str) -> Loss:
+    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`), averaged
+    over the examples."""
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
         return F.cross_entropy(classification_logits(model, batch, pool).float(), batch[2])
 
-    return loss
+    return Loss(loss, labelled_examples)
 
 
 def classification_accuracy(pool: str) -> Callable[[nn.Module, Any], Tensor]:

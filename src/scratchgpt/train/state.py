@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import random
 import shutil
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,27 @@ STATE_FORMAT = 1
 
 class CheckpointMismatchError(RuntimeError):
     """The files of a checkpoint directory do not belong together."""
+
+
+class CorruptCheckpointError(CheckpointMismatchError):
+    """A file of a checkpoint directory is truncated or corrupt: the checkpoint cannot be resumed or reused.
+
+    Training does not silently start afresh over it (it may hold hours of training): the message names
+    the file and the ways on.
+    """
+
+    def __init__(self, path: Path, reason: object) -> None:
+        if isinstance(reason, BaseException):  # the reader's own words: the innermost cause's first sentence
+            while reason.__cause__ is not None:
+                reason = reason.__cause__
+            reason = _first_sentence(reason)
+        directory = path.parent
+        super().__init__(
+            f"{path} is truncated or corrupt ({reason}), so the checkpoint in {directory} can be neither resumed "
+            f"nor reused. Restore it (`dvc checkout --force {directory}` brings back the one DVC last recorded), "
+            f"or train from scratch: delete {directory}, or set `resume: never` in the stage's train params "
+            "(e.g. `dvc exp run -S pretrain.train.resume=never`)"
+        )
 
 
 # Seeding, RNG states and the data order
@@ -150,17 +172,30 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
     return None
 
 
+def write_trainer_state(path: Path, state: Mapping[str, Any]) -> None:
+    """`torch.save` the state through a Python file: a full disk then surfaces as its OSError (ENOSPC,
+    EFBIG) inside torch's error, where a path would give only an errno-less "file write failed"."""
+    with open(path, "wb") as f:
+        torch.save(dict(state), f)
+
+
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
-    """`trainer_state.pt` of a checkpoint directory, checked against its `config.json`."""
+    """`trainer_state.pt` of a checkpoint directory, checked against its `config.json`.
+
+    A truncated or corrupt file raises CorruptCheckpointError naming it.
+    """
     directory = Path(directory)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # torch's zip reader: RuntimeError
+        raise CorruptCheckpointError(directory / STATE_FILE, exc) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointMismatchError(f"{directory / STATE_FILE}: not a trainer state of format {STATE_FORMAT}")
     config_path = directory / CONFIG_FILE
     try:
         stamp = json.loads(config_path.read_text(encoding="utf-8")).get("checkpoint", {})
-    except (OSError, ValueError) as exc:
-        raise CheckpointMismatchError(f"{config_path}: unreadable ({exc})") from exc
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(config_path, f"unreadable: {exc}") from exc
     if not (directory / WEIGHTS_FILE).is_file():
         raise CheckpointMismatchError(f"{directory}: {STATE_FILE} present but {WEIGHTS_FILE} missing")
     for key in ("step", "fingerprint"):
@@ -193,6 +228,12 @@ def remove_stale_dirs(out_dir: Path) -> None:
     for stale in out_dir.parent.glob(f".{name}.*"):
         if stale.is_dir() and (stale.name.endswith(".tmp") or stale.name == f".{name}.old"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """What failed, without torch's paragraph of advice ("... This is an internal miniz error. If you ...")."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,8 @@
     trainer = Trainer(model, lm_loss, train_ds, val_ds, TrainConfig(...), "models/pretrain")
     result = trainer.fit()
 
-A `Trainer` takes a model, a loss function `(model, batch) -> scalar`, torch Datasets and a validated
+A `Trainer` takes a model, a loss function (`train.losses`: a batch's mean loss and how many units
+it averages over), torch Datasets and a validated
 `TrainConfig` (`train.config`); it returns a `TrainResult` (history of evaluations, final metrics,
 throughput) and leaves a resumable checkpoint in its output directory (`train.state` says what it
 holds and how the data order makes a resume exact). It knows nothing about tokenizers, MLflow or
@@ -41,6 +42,8 @@ from scratchgpt.train.memory import glibc_mallopt, keep_freed_memory
 from scratchgpt.train.state import (
     STATE_FILE,
     STATE_FORMAT,
+    WEIGHTS_FILE,
+    CorruptCheckpointError,
     capture_rng,
     epoch_order,
     find_checkpoint,
@@ -53,6 +56,7 @@ from scratchgpt.train.state import (
     restore_rng,
     save_weights,
     seed_everything,
+    write_trainer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,8 @@ _OPERATIONAL_FIELDS = ("resume", "num_workers", "checkpoint_every", "nproc")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stopped before applying the update."""
+    """The training loss became NaN or infinite (or had no target to average over); training stopped
+    before applying the update."""
 
 
 @dataclass
@@ -75,9 +80,10 @@ class TrainResult:
 
     history: list[dict[str, float]]
     """One row per evaluation: step, epoch (fractional), tokens_seen, examples_seen, lr, tokens_per_s,
-    train_loss, val_loss and `train_<metric>`/`val_<metric>` for each metric function."""
+    train_loss, val_loss (each the mean over every loss unit evaluated), `train_<metric>`/`val_<metric>`
+    for each metric function, and train_/val_loss_batch_mean with `batch_mean_loss`."""
     final: dict[str, float]
-    """The final evaluation (`final_eval_iter` batches): train_loss, val_loss, train_/val_<metric>."""
+    """The final evaluation (`final_eval_iter` batches), with the same keys as a history row's losses and metrics."""
     step: int
     """Optimizer steps done in total (including those before a resume)."""
     epochs: int
@@ -100,8 +106,13 @@ class Trainer:
 
     `loss_fn(model, batch)` and every `metric_fns[name](model, batch)` receive the module to call
     (possibly wrapped by DDP or `torch.compile`) and a batch from `collate_fn` already on the device;
-    they return a scalar mean over the batch. `tokens_fn(batch)` counts a batch's tokens (default:
-    the input tensor's numel, as the book). `save_fn(model, dir, extra)` / `load_fn(model, dir)`
+    they return a scalar mean over the batch. `loss_fn.units(batch)` says how many units (target
+    tokens, examples) the loss averages over (`train.losses.LossFn`): each optimizer step, and each
+    evaluation, is one mean over all of them, whatever the batching. `batch_mean_loss` also reports
+    `<split>_loss_batch_mean` in evaluations: the mean over batches of each batch's mean loss, the book's
+    `calc_loss_loader`, which depends on `batch_size`. `tokens_fn(batch)` counts a batch's tokens
+    (default: the input tensor's numel, as the book); it and `loss_fn.units` see the batch before it
+    moves to the device. `save_fn(model, dir, extra)` / `load_fn(model, dir)`
     write and read the weights and `config.json` (default: `save_weights` / `load_weights`; a LoRA
     stage might save adapters only). `fingerprint` (any JSON-able value: model config, data
     hashes, ...) is combined with the training config; a checkpoint with a different fingerprint is
@@ -127,7 +138,14 @@ class Trainer:
         save_fn: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None,
         load_fn: Callable[[nn.Module, Path], None] | None = None,
         desc: str = "train",
+        batch_mean_loss: bool = False,
     ) -> None:
+        if not callable(getattr(loss_fn, "units", None)):
+            raise TypeError(
+                "loss_fn must say how many units its mean runs over (loss_fn.units(batch)), so that accumulation "
+                "and data parallelism weigh every unit alike: use scratchgpt.train.losses.lm_loss, "
+                "classification_loss(pool), or wrap yours as Loss(mean_fn, units_fn)"
+            )
         self.cfg = cfg
         self.dist, self.device = distributed.setup(cfg.device)
         self.model = model.to(self.device)
@@ -144,6 +162,7 @@ class Trainer:
         self.save_fn = save_fn or save_weights
         self.load_fn = load_fn or load_weights
         self.desc = desc
+        self.batch_mean_loss = batch_mean_loss
 
         micro_per_epoch = len(train_data) // (cfg.batch_size * self.dist.world_size)
         self.steps_per_epoch = micro_per_epoch // cfg.grad_accum_steps
@@ -275,8 +294,8 @@ class Trainer:
         return keep_freed_memory()
 
     def evaluate(self, dataset: Dataset, max_batches: int | None) -> dict[str, float]:
-        """Mean loss and metrics over the first `max_batches` global batches of `dataset` (None: all);
-        see `evaluate_dataset`."""
+        """Mean loss (over every unit) and metrics over the first `max_batches` global batches of `dataset`
+        (None: all), and `loss_batch_mean` with `batch_mean_loss`; see `evaluate_dataset`."""
         return evaluate_dataset(
             self.fwd_model,
             dataset,
@@ -289,6 +308,7 @@ class Trainer:
             max_batches=max_batches,
             dist=self.dist,
             eval_model=self.model,
+            batch_mean=self.batch_mean_loss,
         )
 
     def save_checkpoint(self) -> None:
@@ -326,7 +346,7 @@ class Trainer:
             extra = {**self.checkpoint_extra, "train": dataclasses.asdict(self.cfg), "checkpoint": stamp}
             with fileio.atomic_dir(self.out_dir) as tmp:
                 self.save_fn(self.model, tmp, extra)
-                torch.save(state, tmp / STATE_FILE)
+                write_trainer_state(tmp / STATE_FILE, state)
             remove_stale_dirs(self.out_dir)
             log.info("checkpoint: step %d written to %s", self.step, self.out_dir)
             for cb in self.callbacks:
@@ -352,7 +372,10 @@ class Trainer:
                 fingerprint_changes(state, self.fingerprint_parts),
             )
             return False
-        self.load_fn(self.model, found)
+        try:
+            self.load_fn(self.model, found)
+        except Exception as exc:  # the state and config matched: the weights file itself is bad
+            raise CorruptCheckpointError(found / WEIGHTS_FILE, exc) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
@@ -425,7 +448,14 @@ class Trainer:
                 self.save_checkpoint()
 
     def _train_step(self, batch_iter: Any) -> float:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its loss, the mean over every
+        unit (target token, example) of every micro-batch on every process.
+
+        The units are counted first, all micro-batches of all processes together; each micro-batch's mean
+        is then weighed by its share of them, so the gradient is that of one mean over the whole step: the
+        same as one batch of `batch_size * grad_accum_steps * world_size` samples, however many targets
+        each micro-batch masks. DDP averages the processes' gradients, hence the world size in the weight.
+        """
         cfg = self.cfg
         t0 = time.perf_counter()
         optim.set_lr(
@@ -439,40 +469,55 @@ class Trainer:
                 schedule=cfg.lr_schedule,
             ),
         )
+        batches = [next(batch_iter) for _ in range(cfg.grad_accum_steps)]
+        units = [self.loss_fn.units(batch) for batch in batches]  # on the host: no device sync
+        total_units, tokens, examples = self._step_counts(batches, units)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        tokens = examples = 0
-        for micro in range(cfg.grad_accum_steps):
-            batch = to_device(next(batch_iter), self.device)
+        for micro, (batch, n) in enumerate(zip(batches, units, strict=True)):
             last = micro == cfg.grad_accum_steps - 1
+            if n == 0 and not (last and self.dist.enabled):
+                continue  # nothing to learn from (its mean is NaN); under DDP the last backward must run: it syncs
+            batch = to_device(batch, self.device)
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
             with sync:
                 with autocast(self.device, cfg.precision):
                     loss = self.loss_fn(self.train_model, batch)
-                (loss / cfg.grad_accum_steps).backward()
-            loss_sum += loss.detach().float()
-            tokens += self.tokens_fn(batch)
-            examples += first_tensor(batch).shape[0]
-        counts = torch.tensor([float(tokens), float(examples)], device=self.device)
-        stats = torch.cat([(loss_sum / cfg.grad_accum_steps).reshape(1), counts])
-        distributed.all_reduce_sum(stats, self.dist)
-        mean_loss = stats[0].item() / self.dist.world_size
+                (loss * (n * self.dist.world_size / total_units)).backward()
+            if n:
+                loss_sum += loss.detach().float() * (n / total_units)
+        distributed.all_reduce_sum(loss_sum, self.dist)
+        mean_loss = loss_sum.item()
         if not math.isfinite(mean_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = f" The last good checkpoint (step {self._last_saved_step}) in {self.out_dir} is intact."
-            raise NonFiniteLossError(
-                f"non-finite training loss {mean_loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
-                "stopped before applying the update."
-                + (where if self._last_saved_step is not None and self.out_dir is not None else "")
-            )
+            self._stop(f"non-finite training loss {mean_loss}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += int(stats[1].item())
-        self.examples_seen += int(stats[2].item())
+        self.tokens_seen += tokens
+        self.examples_seen += examples
         self._train_time += time.perf_counter() - t0
         return mean_loss
+
+    def _step_counts(self, batches: list[Any], units: list[int]) -> tuple[int, int, int]:
+        """Loss units, tokens and examples of one optimizer step's micro-batches, summed over the processes."""
+        tokens = sum(self.tokens_fn(batch) for batch in batches)
+        examples = sum(first_tensor(batch).shape[0] for batch in batches)
+        where = self.device if self.dist.enabled else torch.device("cpu")  # NCCL reduces device tensors
+        counts = torch.tensor([sum(units), tokens, examples], dtype=torch.long, device=where)
+        total_units, tokens, examples = distributed.all_reduce_sum(counts, self.dist).tolist()
+        if total_units == 0:
+            self._stop(f"nothing to learn: every target of the step's {examples} examples is ignored (-100)")
+        return total_units, tokens, examples
+
+    def _stop(self, what: str) -> None:
+        """Raise NonFiniteLossError for the step about to be taken, before any update is applied."""
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f" The last good checkpoint (step {self._last_saved_step}) in {self.out_dir} is intact."
+        raise NonFiniteLossError(
+            f"{what} at step {self.step + 1} (epoch {self.epoch + 1}); stopped before applying the update."
+            + (where if self._last_saved_step is not None and self.out_dir is not None else "")
+        )
 
     def _evaluate_both(self, max_batches: int | None) -> dict[str, float]:
         out = {f"train_{k}": v for k, v in self.evaluate(self.train_data, max_batches).items()}
@@ -495,13 +540,11 @@ class Trainer:
         record = self._record(self._evaluate_both(self.cfg.eval_iter))
         self.history.append(record)
         if self.dist.is_main:
-            val = f", val loss {record['val_loss']:.3f}" if "val_loss" in record else ""
             log.info(
-                "epoch %d (step %06d): train loss %.3f%s",
+                "epoch %d (step %06d): %s",
                 self.epoch + 1 if self.step % self.steps_per_epoch else self.epoch,
                 self.step,
-                record["train_loss"],
-                val,
+                _loss_line(record),
             )
         for cb in self.callbacks:
             cb.on_eval(self, record)
@@ -521,3 +564,13 @@ class Trainer:
         log.info("sample after epoch %d: %r", epoch + 1, text)
         for cb in self.callbacks:
             cb.on_sample(self, sample)
+
+
+def _loss_line(record: Mapping[str, float]) -> str:
+    """`train loss 2.612, val loss 2.604`, then the book's per-batch means when they were computed."""
+    line = f"train loss {record['train_loss']:.3f}"
+    line += f", val loss {record['val_loss']:.3f}" if "val_loss" in record else ""
+    if "train_loss_batch_mean" in record:
+        line += f" (per-batch means, as the book: train {record['train_loss_batch_mean']:.3f}"
+        line += f", val {record['val_loss_batch_mean']:.3f})" if "val_loss_batch_mean" in record else ")"
+    return line
