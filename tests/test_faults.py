@@ -293,12 +293,13 @@ def _limit_file_size(limit: int):
 def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(workdir: Path):  # noqa: F811
     cmd = [sys.executable, "stages/lora_cls_finetune.py"]
     env = stage_env(SCRATCHGPT_TRACKING="0")
+    set_cls(workdir, {"train": {"epochs": 1}})
     first = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     before = {p.name: p.read_bytes() for p in (workdir / CKPT).iterdir()}
     weights = len(before["model.safetensors"])
 
-    set_cls(workdir, {"train": {"epochs": 3}})  # other params: trains afresh, checkpoints at step 5
+    set_cls(workdir, {"train": {"epochs": 2}})  # other params: trains afresh, checkpoints at step 5
     full = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
                           preexec_fn=_limit_file_size(weights // 2))  # fmt: skip
     assert full.returncode == 1, full.stderr[-3000:]
@@ -338,6 +339,7 @@ def run_cls_stage(caplog) -> str | None:
 @pytest.mark.slow
 def test_a_truncated_checkpoint_file_stops_the_stage_with_the_ways_on(workdir: Path, caplog, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SCRATCHGPT_REGISTER", "0")  # not what is tested; it takes seconds
+    set_cls(workdir, {"train": {"epochs": 1}})
     assert run_cls_stage(caplog) is None
     for name in ("model.safetensors", "trainer_state.pt"):
         path = workdir / CKPT / name

@@ -546,9 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cli.setup_logging(logging.WARNING)
     try:
+        tracking.check_store(args.tracking_uri)  # a store that is down: one line, not minutes of retries
         result = compare(experiment=args.experiment, parents=args.parent, dvc_exps=args.dvc_exp, out=args.out,
                          tracking_uri=args.tracking_uri, log_run=not args.no_log)  # fmt: skip
-    except CompareError as exc:
+    except (CompareError, tracking.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(to_text(result), end="")

@@ -264,10 +264,13 @@ def check_store(uri: str | None = None, *, enabled: bool = True, timeout: float 
 
 
 def _probe_server(uri: str, timeout: float) -> None:
-    """One bounded request to the server's REST API (MLflow's own HTTP client: its auth and TLS settings)."""
+    """One bounded request to the server's REST API (MLflow's own HTTP client: its auth and TLS settings). The
+    client here is a bare one: making it sends nothing, where `_client` would already call the server, with
+    retries."""
+    from mlflow import MlflowClient
     from mlflow.utils.rest_utils import http_request
 
-    creds = _client(uri)._tracking_client.store.get_host_creds()
+    creds = MlflowClient(tracking_uri=uri)._tracking_client.store.get_host_creds()
     response = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
                             max_retries=0, timeout=(timeout / 2, timeout / 2))  # fmt: skip
     if response.status_code != 200:
