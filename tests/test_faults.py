@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,6 +79,18 @@ def test_the_issue_case_a_stage_with_its_tracking_server_down_exits_in_one_line(
     waited = float(re.search(r"after ([\d.]+) s\)", line)[1])
     assert line.startswith(f"MLflow tracking store {url} is not reachable") and waited <= tracking.CHECK_TIMEOUT_S
     print(f"lora_cls_finetune with its tracking server down: exit 1 after {took:.1f} s (the check: {waited:.1f} s)")
+
+
+def test_the_store_check_waits_at_most_its_bound_for_a_server_that_never_answers():
+    with socket.socket() as listener:  # connections are accepted by the kernel, and never answered
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match=rf"{url} is not reachable \(timed out, after "):
+            tracking.check_store(url)
+        took = time.monotonic() - started
+    assert took <= tracking.CHECK_TIMEOUT_S + 1, f"the check waited {took:.1f} s"  # MLflow's own retries: 32 s
 
 
 def test_tracking_off_needs_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
