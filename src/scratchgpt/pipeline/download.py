@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 OFFLINE_HINT = (
     f"This machine looks offline. Without the network, set {MIRROR_ENV}=DIR to a directory holding copies of the "
     f"source files (each checked against the same sha256); build one where the network works with `python -m "
-    f"scratchgpt.data.mirror DIR` and copy it over (docs/data-sources.md)"
+    f"scratchgpt.mirror DIR` and copy it over (docs/data-sources.md)"
 )
 
 
