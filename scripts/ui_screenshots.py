@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,9 +274,13 @@ def take(browser: Chromium, out: Path, prefect_ui: str, flow_run_id: str, mlflow
 
     browser.open(tracking.ui_url(mlflow_url, exp_id, view=True), tracking.RUNS_VIEW_NAME[:20], "exp cls-lora")
     expanders = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'  # the [+] of a parent run (MLflow 3.17)
-    if not browser.click_all(expanders):
-        print("warning: found no parent run to expand", file=sys.stderr)
-    time.sleep(3)
+    browser.click_all(expanders)
+    deadline = time.monotonic() + 30
+    while not browser.js("document.body.innerText.includes('lora-cls-finetune · full · ')"):
+        if time.monotonic() > deadline:
+            raise ScreenshotError("the pipeline run's stage runs did not show under it (its [+] not found?)")
+        time.sleep(0.5)
+    time.sleep(2)
     browser.save(out / "mlflow-run-names.png")
 
 
