@@ -193,7 +193,7 @@ def resolve_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -
 
 def _validate(params: dict[str, Any]) -> None:
     """`scratchgpt.presets.validate`, and the two sections it leaves out (download, tokenize)."""
-    from scratchgpt.data.corpus import TokenizeParams
+    from scratchgpt.pipeline.tokenize import TokenizeParams
     from scratchgpt.data.download import DownloadParams
 
     validate(params)
