@@ -116,7 +116,7 @@ def project(tmp_path_factory, mirror_dir: Path, prefect_server: Server) -> Proje
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml", "prefect.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for name in ("stages", "src", "presets", "flows"):
+    for name in ("stages", "src", "presets", "flows", "data/external"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     write_tiny_params(root)
     (root / "presets" / "flowtest.yaml").write_text("cls:\n  train:\n    lr: 0.001\n    nproc: 1\n")

@@ -136,7 +136,7 @@ def test_registered_instruct_model_answers_what_our_generation_does(registry: Re
 
 
 def test_requirements_cover_every_distribution_the_wrappers_import():
-    files = import_closure(REPO / "src" / "scratchgpt" / "serving.py")
+    files = import_closure(REPO / "src" / "scratchgpt" / "apps" / "serving.py")
     tops = set()
     for path in files:
         for node in ast.walk(ast.parse((REPO / path).read_text(encoding="utf-8"))):

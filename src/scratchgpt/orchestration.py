@@ -193,8 +193,8 @@ def resolve_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -
 
 def _validate(params: dict[str, Any]) -> None:
     """`scratchgpt.presets.validate`, and the two sections it leaves out (download, tokenize)."""
-    from scratchgpt.pipeline.tokenize import TokenizeParams
     from scratchgpt.data.download import DownloadParams
+    from scratchgpt.pipeline.tokenize import TokenizeParams
 
     validate(params)
     from_dict(DownloadParams, params.get("download"), "download")

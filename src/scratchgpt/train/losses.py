@@ -45,11 +45,14 @@ def classification_logits(model: nn.Module, batch: Any, pool: str) -> Tensor:
     return logits[torch.arange(inputs.shape[0], device=inputs.device), lengths - 1]
 
 
-def classification_loss(pool: str) -> Callable[[nn.Module, Any], Tensor]:
-    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`)."""
+def classification_loss(pool: str, weight: Tensor | None = None) -> Callable[[nn.Module, Any], Tensor]:
+    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`); `weight`: one
+    per class (e.g. inverse class frequencies for imbalanced data), torch's weighted mean."""
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
-        return F.cross_entropy(classification_logits(model, batch, pool).float(), batch[2])
+        logits = classification_logits(model, batch, pool).float()
+        w = weight.to(logits.device) if weight is not None else None
+        return F.cross_entropy(logits, batch[2], weight=w)
 
     return loss
 
