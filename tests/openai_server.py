@@ -8,8 +8,8 @@
 
 `GET /v1/models` lists `models`; `POST /v1/chat/completions` answers non-streaming, first from `script` (one
 action per request, in order), then from `answer(body)`. With `key` set, a request without
-`Authorization: Bearer <key>` gets 401 (an OpenAI-style error body echoing the key it got). Actions: `Reply(text)`, `Status(code)`,
-`Slow(seconds, text)`, as in ollama_server. Other paths get 404.
+`Authorization: Bearer <key>` gets 401 (an OpenAI-style error body echoing the key it got). Actions:
+`Reply(text)`, `Status(code)`, `Slow(seconds, text)`, as in ollama_server. Other paths get 404.
 """
 
 from __future__ import annotations

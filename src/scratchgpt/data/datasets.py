@@ -66,7 +66,7 @@ class SampleParams:
     """Share of the labelled texts (of `tokenize.classification.path`) for training."""
     cls_val_ratio: float = 0.1
     """Share of the labelled texts for validation; the rest is the test split. A split given as a file is not
-    drawn: then train keeps `cls_train_ratio` and the one drawn split the rest."""
+    drawn: the texts then go to train and the other split in proportion to their ratios."""
     balance: str = "undersample"
     """undersample: every class cut to the smallest class's size before splitting (the book, for its SMS
     data); none: every row kept (for imbalanced data, see cls.class_weights)."""
@@ -76,7 +76,8 @@ class SampleParams:
     instruct_train_ratio: float = 0.85
     """Share of the instruction records for training, in file order (first)."""
     instruct_test_ratio: float = 0.1
-    """Share of the instruction records for testing (after train); the rest is validation."""
+    """Share of the instruction records for testing (after train); the rest is validation. With a given test
+    file the records go to train and validation in proportion to their ratios."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "stride"):
@@ -306,14 +307,15 @@ def build_instruction_table(
 def split_instructions(table: pa.Table, *, train_ratio: float, test_ratio: float) -> dict[str, pa.Table]:
     """File-order split: first `int(n * train_ratio)` train, next `int(n * test_ratio)` test, rest val.
 
-    With a given test split (rows marked `test` in the `split` column) the other rows split into the first
-    `int(n * train_ratio)` for training and the rest for validation.
+    With a given test split (rows marked `test` in the `split` column) the other rows split in file order into
+    train and validation in proportion to their ratios: the first `int(n * train_ratio / (1 - test_ratio))`
+    train.
     """
     if SPLIT_COLUMN in table.column_names:
         given = np.array(table.column(SPLIT_COLUMN).to_pylist()) == "test"
         table = table.drop_columns([SPLIT_COLUMN])
         own, test = table.filter(pa.array(~given)), table.filter(pa.array(given))
-        train_end = int(own.num_rows * train_ratio)
+        train_end = int(own.num_rows * train_ratio / (1 - test_ratio))
         return {"train": own.slice(0, train_end), "val": own.slice(train_end), "test": test}
     n = table.num_rows
     train_end = int(n * train_ratio)

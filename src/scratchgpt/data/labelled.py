@@ -191,12 +191,14 @@ def build_labelled_table(params: LabelledDataParams, enc: tiktoken.Encoding, max
 
 
 def table_metrics(table: pa.Table) -> dict[str, Any]:
-    """The tokenize stage's numbers for a labelled table: rows (of `path`), rows per class, tokens. The book's
+    """The tokenize stage's numbers for a labelled table: rows of `path` and per class, rows of the given splits,
+    tokens (all). The book's
     SMS data keeps its shape (`ham`, `spam` beside `rows`); other data lists the classes under `labels`."""
     info = read_label_info(table)
     labels = table.column("label").to_numpy()
-    counts = {name: int((labels == i).sum()) for i, name in enumerate(info.labels)}
     marks = table.column(SPLIT_COLUMN).to_pylist() if SPLIT_COLUMN in table.column_names else [""] * len(labels)
+    own = labels[np.array(marks) == ""]
+    counts = {name: int((own == i).sum()) for i, name in enumerate(info.labels)}
     given = Counter(marks)
     out: dict[str, Any] = {"rows": given[""]}
     out.update(counts if info.dataset == "spam" else {"classes": len(info.labels), "labels": counts})
@@ -216,8 +218,8 @@ def split_labelled(
     With `balance: undersample` every class is first cut to the smallest's size. Without `stratify` the rows
     are shuffled together and cut (`split_spam`'s procedure: for the book's data exactly its splits); with it,
     each class is shuffled and cut on its own and each split shuffled. A split given as a file is taken as
-    it is, in file order; train keeps `train_ratio` and a lone drawn split takes the rest. Every class must
-    reach train and each drawn split.
+    it is, in file order, and the rows of `path` go to train and the drawn split in proportion to their
+    ratios (0.7 and 0.1: 7/8 and 1/8). Every class must reach train and each drawn split.
     """
     info = read_label_info(table)
     labels = table.column("label").to_numpy()
@@ -248,11 +250,15 @@ def split_labelled(
 
 
 def _cut(rows: np.ndarray, train_ratio: float, val_ratio: float, drawn: list[str]) -> dict[str, np.ndarray]:
+    """train and the drawn splits from `rows`, in proportion to their ratios (a given split's share is left out)."""
     if drawn == ["val", "test"]:
         train_end, val_end = cut_points(len(rows), train_ratio, val_ratio)
         return {"train": rows[:train_end], "val": rows[train_end:val_end], "test": rows[val_end:]}
-    train_end, _ = cut_points(len(rows), train_ratio, None)
-    return {"train": rows[:train_end], **{split: rows[train_end:] for split in drawn}}
+    if not drawn:
+        return {"train": rows}
+    other = val_ratio if drawn == ["val"] else 1 - train_ratio - val_ratio
+    train_end, _ = cut_points(len(rows), train_ratio / (train_ratio + other), None)
+    return {"train": rows[:train_end], drawn[0]: rows[train_end:]}
 
 
 def _need_rows(info: LabelInfo, counts: np.ndarray, why: str) -> None:
