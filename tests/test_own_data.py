@@ -1,11 +1,12 @@
 """Your own data, declared in params.yaml alone, through the whole pipeline under real DVC and MLflow.
 
-One project (module scope) gets, in data/external/: a 4-class labelled CSV with easy cues (each text ends in
-one of its class's phrases; columns `body` and `queue`, class names with a space and an ampersand) and a given
-test file, a JSONL instruction set with other field names and a given test file, and a corpus given as a glob
-plus a JSONL text column. Its params.yaml names them (no code or dvc.yaml edit); the tiny pretraining of
-tests/helpers.py runs, and the CPU preset's classifier settings but a 4x learning rate (the tiny base learns
-nothing in 5 epochs at 5e-4). Then:
+One project (module scope) follows docs/own-data.md's walk-through (its params.yaml block, read from the page)
+and gets, in data/external/: a 4-class labelled CSV with easy cues (each text ends in one of its class's phrases;
+columns `body` and `queue`, class names with a space and an ampersand) and a given test file, a JSONL
+instruction set with other field names and a given test file, and a corpus given as a glob plus a JSONL text
+column. Its params.yaml names them (no code or dvc.yaml edit); the tiny pretraining of tests/helpers.py runs,
+and the CPU preset's classifier settings but a 4x learning rate (the tiny base learns nothing in 5 epochs at
+5e-4). Then:
 - the classifier, `python -m scratchgpt.classify`, the registered model and `mlflow models serve` answer with
   the four class names; macro-F1 on the test file >= 0.9; metrics, report and comparison show the classes;
 - editing one row of the CSV reruns tokenize and what its output feeds, nothing upstream, and the new row is in
@@ -21,13 +22,14 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import free_port, stop_group, wait_healthy, write_tiny_params
+from helpers import deep_update, free_port, stop_group, wait_healthy, write_tiny_params
 from test_serving import post
 
 from scratchgpt.data.datasets import read_label_info
@@ -90,23 +92,26 @@ def write_own_data(root: Path, mirror_dir: Path) -> None:
     (ext / "corpus-notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes), encoding="utf-8")
 
 
+def walkthrough_params() -> dict:
+    """The params.yaml block of docs/own-data.md's walk-through, as the user copies it."""
+    doc = (REPO / "docs" / "own-data.md").read_text(encoding="utf-8")
+    block = doc.split("<!-- own-data params -->", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(textwrap.dedent(block))
+
+
 OWN_PARAMS = {
     "tokenize": {
         "corpus": ["data/external/corpus/*.txt", {"path": "data/external/corpus-notes.jsonl", "column": "content"}],
-        "classification": {"path": "data/external/tickets/train.csv", "format": "auto", "text_column": "body",
-                           "label_column": "queue", "labels": None, "positive_label": None, "val_path": None,
-                           "test_path": "data/external/tickets/test.csv"},
         "instruct": {"path": "data/external/support.jsonl", "format": "auto",
                      "fields": {"instruction": "question", "input": "context", "output": "answer"},
                      "test_path": "data/external/support-test.jsonl"},
     },
-    "sample": {"balance": "none", "stratify": True},
-    # the CPU preset's classifier (params.yaml) but lr 2e-3, on the tiny base of TINY_PIPELINE; its own name
-    "cls": {"name": "ticket-router", "class_weights": "balanced", "mode": "full",
-            "train": {"epochs": 5, "batch_size": 8, "lr": 2.0e-3, "eval_freq": 50, "eval_iter": 5,
-                      "final_eval_iter": None, "checkpoint_every": 100}},
+    # the CPU preset's classifier (params.yaml) but lr 2e-3, on the tiny base of TINY_PIPELINE
+    "cls": {"mode": "full", "train": {"epochs": 5, "batch_size": 8, "lr": 2.0e-3, "eval_freq": 50, "eval_iter": 5,
+                                      "final_eval_iter": None, "checkpoint_every": 100}},
 }  # fmt: skip
 NAMES = set(CLASSES)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +122,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path):
     root = tmp_path_factory.mktemp("own_data")
     project = make_dvc_project(root / "project", mirror_dir, f"sqlite:///{root / 'mlflow.db'}")
     write_own_data(project.path, mirror_dir)
-    write_tiny_params(project.path, OWN_PARAMS)
+    walkthrough = walkthrough_params()
+    assert walkthrough["cls"] == {"name": "ticket-router", "class_weights": "balanced"}
+    write_tiny_params(project.path, deep_update(walkthrough, OWN_PARAMS))
     out = project.run("dvc", "repro", timeout=900)
     assert all(f"Running stage '{s}'" in out for s in ("tokenize", "lora-cls-finetune", "evaluate"))
     project.run("git", "add", "-A")
