@@ -32,7 +32,7 @@ PARAMS_BACKUP = Path(".dvc") / "tmp" / "scratchgpt-pipeline.params.yaml"
 HARDWARE_KEYS = ("device", "precision", "nproc")
 # Shown first in the summary, in this order, when a stage's metrics file has them.
 HEADLINE_METRICS = (
-    "test_accuracy", "test_f1", "val_loss", "val_perplexity", "train_loss", "tokens_per_s", "tokens",
+    "test_accuracy", "test_f1", "test_macro_f1", "val_loss", "val_perplexity", "train_loss", "tokens_per_s", "tokens",
     "documents", "n_files", "total_bytes",
 )  # fmt: skip
 # States of a stage in a flow run.
