@@ -4,9 +4,9 @@ One project (module scope) follows docs/own-data.md's walk-through (its params.y
 and gets, in data/external/: a 4-class labelled CSV with easy cues (each text ends in one of its class's phrases;
 columns `body` and `queue`, class names with a space and an ampersand) and a given test file, a JSONL
 instruction set with other field names and a given test file, and a corpus given as a glob plus a JSONL text
-column. Its params.yaml names them (no code or dvc.yaml edit); the tiny pretraining of tests/helpers.py runs,
-and the CPU preset's classifier settings but a 4x learning rate (the tiny base learns nothing in 5 epochs at
-5e-4). Then:
+column. Its params.yaml names them (no code or dvc.yaml edit) and the Prefect flow runs the pipeline: the tiny
+pretraining of tests/helpers.py, and the CPU preset's classifier settings but a 4x learning rate (the tiny base
+learns nothing in 5 epochs at 5e-4). Then:
 - the classifier, `python -m scratchgpt.classify`, the registered model and `mlflow models serve` answer with
   the four class names; macro-F1 on the test file >= 0.9; metrics, report and comparison show the classes;
 - editing one row of the CSV reruns tokenize and what its output feeds, nothing upstream, and the new row is in
@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -116,17 +117,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path):
-    """The project with the user's files and params, `dvc repro` of the whole pipeline, committed."""
+    """The project with the user's files and params, the whole pipeline run by the Prefect flow (on a temporary
+    local Prefect server; each stage a `dvc repro --single-item`), committed."""
     from conftest import make_dvc_project
 
     root = tmp_path_factory.mktemp("own_data")
     project = make_dvc_project(root / "project", mirror_dir, f"sqlite:///{root / 'mlflow.db'}")
+    shutil.copytree(REPO / "flows", project.path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     write_own_data(project.path, mirror_dir)
     walkthrough = walkthrough_params()
     assert walkthrough["cls"] == {"name": "ticket-router", "class_weights": "balanced"}
     write_tiny_params(project.path, deep_update(walkthrough, OWN_PARAMS))
-    out = project.run("dvc", "repro", timeout=900)
-    assert all(f"Running stage '{s}'" in out for s in ("tokenize", "lora-cls-finetune", "evaluate"))
+    env = {**project.env, "PREFECT_HOME": str(root / "prefect"), "TQDM_DISABLE": "1",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)  # its own temporary server
+    flow = subprocess.run([sys.executable, "flows/pipeline.py", "--project", "."], cwd=project.path, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-5000:]
+    stages = ("download", "tokenize", "sample-to-parquet", "pretrain", "load-gpt2", "lora-cls-finetune",
+              "instruct-finetune", "evaluate")  # fmt: skip
+    assert f"pipeline completed: {', '.join(f'{s} ran' for s in stages)}" in flow.stdout + flow.stderr
     project.run("git", "add", "-A")
     project.run("git", "commit", "-q", "-m", "own data reproduced")
     return project
