@@ -5,8 +5,8 @@ and gets, in data/external/: a 4-class labelled CSV with easy cues (each text en
 columns `body` and `queue`, class names with a space and an ampersand) and a given test file, a JSONL
 instruction set with other field names and a given test file, and a corpus given as a glob plus a JSONL text
 column. Its params.yaml names them (no code or dvc.yaml edit) and the Prefect flow runs the pipeline: the tiny
-pretraining of tests/helpers.py, and the CPU preset's classifier settings but a 4x learning rate (the tiny base
-learns nothing in 5 epochs at 5e-4). Then:
+pretraining of tests/helpers.py, and the CPU preset's classifier settings but a 6x learning rate (on the tiny base,
+5 epochs at 5e-4 reach a macro-F1 of 0.36, at 2e-3 0.94, at 3e-3 1.0). Then:
 - the classifier, `python -m scratchgpt.classify`, the registered model and `mlflow models serve` answer with
   the four class names; macro-F1 on the test file >= 0.9; metrics, report and comparison show the classes;
 - editing one row of the CSV reruns tokenize and what its output feeds, nothing upstream, and the new row is in
@@ -35,7 +35,7 @@ from test_serving import post
 
 from scratchgpt.data.datasets import read_label_info
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # the module fixture runs the whole pipeline
 
 CLASSES = {  # class name -> cue phrases (every text of the class holds one)
     "billing": ["my invoice shows a double charge", "the payment was taken twice", "why is my bill so high"],
@@ -107,8 +107,8 @@ OWN_PARAMS = {
                      "fields": {"instruction": "question", "input": "context", "output": "answer"},
                      "test_path": "data/external/support-test.jsonl"},
     },
-    # the CPU preset's classifier (params.yaml) but lr 2e-3, on the tiny base of TINY_PIPELINE
-    "cls": {"mode": "full", "train": {"epochs": 5, "batch_size": 8, "lr": 2.0e-3, "eval_freq": 50, "eval_iter": 5,
+    # the CPU preset's classifier (params.yaml) but lr 3e-3, on the tiny base of TINY_PIPELINE
+    "cls": {"mode": "full", "train": {"epochs": 5, "batch_size": 8, "lr": 3.0e-3, "eval_freq": 50, "eval_iter": 5,
                                       "final_eval_iter": None, "checkpoint_every": 100}},
 }  # fmt: skip
 NAMES = set(CLASSES)
