@@ -318,7 +318,7 @@ def test_a_code_change_dvc_sees_retrains_from_scratch_and_no_change_is_a_no_op(d
     assert "Running stage" not in nothing and "pretrain" in nothing
 
     # datasets.py (the window reader) was not part of the fingerprint before issue 11.
-    with open(repo / "src" / "scratchgpt" / "datasets.py", "a") as f:
+    with open(repo / "src" / "scratchgpt" / "data" / "datasets.py", "a") as f:
         f.write("# a change DVC sees\n")
     out = run("dvc", "repro", "pretrain")
     assert "Running stage 'pretrain'" in out
