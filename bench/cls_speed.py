@@ -48,7 +48,7 @@ to 120 with pool last-position (the book's reading; same weights, same batch: wi
 first-step loss equals ours_pad120's (pool last-token does not depend on padding). The trainable
 parameter counts of book and ours must match.
 
-The data: `data/processed/spam/train.parquet` when present (the sample-to-parquet stage's output), else
+The data: `data/processed/cls/train.parquet` when present (the sample-to-parquet stage's output), else
 built as that stage does (`build_spam_table` + `split_spam` with params.yaml's `sample` seed and
 ratios) from the mirror's `sms+spam+collection.zip` (`--mirror`, default $SCRATCHGPT_MIRROR).
 
@@ -102,7 +102,7 @@ log = logging.getLogger("bench.cls_speed")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "cls_speed.json"
-PROCESSED_TRAIN = REPO / "data" / "processed" / "spam" / "train.parquet"
+PROCESSED_TRAIN = REPO / "data" / "processed" / "cls" / "train.parquet"
 BOOK_LR, BOOK_WEIGHT_DECAY = 5e-5, 0.1  # the book's chapter-6 optimizer (appendix E uses the same)
 BATCH_SIZE = 8  # the book's
 LORA_RANK, LORA_ALPHA = 16, 16.0  # ours: scale alpha / rank = 1
@@ -161,7 +161,7 @@ def load_train_split(mirror: Path | None, workdir: Path) -> TrainSplit:
                    expected_sha256=source.member_sha256, max_bytes=1 << 24)  # fmt: skip
     sample = from_dict(SampleParams, read_params(REPO / "params.yaml")["sample"], "sample")
     table = build_spam_table(member, gpt2_tokenizer(mirror))
-    splits = split_spam(table, seed=sample.seed, train_ratio=sample.spam_train_ratio, val_ratio=sample.spam_val_ratio)
+    splits = split_spam(table, seed=sample.seed, train_ratio=sample.cls_train_ratio, val_ratio=sample.cls_val_ratio)
     how = "build_spam_table + split_spam with params.yaml's sample seed and ratios"
     return TrainSplit(splits["train"], f"{mirror / source.basename} ({how})")
 
@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run everything with glibc's freed memory kept (as the stage's Trainer.fit does around "
                              "its steps; process-wide, so the book gets it too)")
     parser.add_argument("--mirror", type=Path, default=os.environ.get("SCRATCHGPT_MIRROR"),
-                        help="data mirror with sms+spam+collection.zip, used when data/processed/spam/train.parquet "
+                        help="data mirror with sms+spam+collection.zip, used when data/processed/cls/train.parquet "
                              "is absent (default: $SCRATCHGPT_MIRROR)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: cpu-small base, 1 warm-up step, 3 rounds of 1 step (its millisecond steps "

@@ -3,7 +3,8 @@
 Reads the `sample` section of params.yaml and --in-dir (the tokenize stage's output). Writes:
 
   <out-dir>/pretrain/{train,val}.parquet     sliding windows of max_length + 1 tokens (column `window`)
-  <out-dir>/spam/{train,val,test}.parquet    balanced, shuffled 70/10/20 split of the spam table
+  <out-dir>/cls/{train,val,test}.parquet     the labelled texts: the book's balanced, shuffled 70/10/20 split
+                                             of its SMS data, or as sample.balance and sample.stratify say
   <out-dir>/instruct/{train,val,test}.parquet file-order 85/10/5 split (train/test/val) of the instructions
 
 and windows and rows per split to --metrics.

@@ -1,11 +1,12 @@
-"""DVC stage `tokenize`: encode the downloaded texts with GPT-2's tokenizer into Parquet tables.
+"""DVC stage `tokenize`: encode the inputs with GPT-2's tokenizer into Parquet tables.
 
-Reads the `tokenize` section of params.yaml and the files the download stage left in --raw-dir
-(vocab.bpe, encoder.json, SMSSpamCollection, instruction-data.json and the corpus files). Writes,
-replacing --out-dir as a whole:
+Reads the `tokenize` section of params.yaml: the corpus, the labelled texts and the instruction data it
+names (the download stage's files in data/raw/, or your own in data/external/), and the vocabulary in
+--raw-dir. Checks every input first (bad data: one line naming the file, row or line, and column; nothing
+written), then writes, replacing --out-dir as a whole:
 
   pretrain_tokens.parquet  the corpus token stream (column `token`), documents separated by <|endoftext|>
-  spam.parquet             text, label (ham 0 / spam 1), token_ids
+  cls.parquet              text, label (class index; the class names in its metadata), token_ids
   instruct.parquet         instruction, input, output, prompt, response, prompt_ids, response_ids
 
 and the counts to --metrics. The code: `scratchgpt.pipeline.tokenize`.
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import logging
 
-from scratchgpt.data.corpus import CorpusError, TokenizeParams
+from scratchgpt.data.corpus import CorpusError
 from scratchgpt.data.datasets import DatasetError
 from scratchgpt.data.tokenizer import VocabFileError
-from scratchgpt.pipeline.tokenize import run_tokenize
+from scratchgpt.pipeline.tokenize import TokenizeParams, run_tokenize
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.params import ParamsError, load_section
 

@@ -81,14 +81,17 @@ class DvcProject:
 
 
 def make_dvc_project(repo: Path, mirror_dir: Path, mlflow_uri: str) -> DvcProject:
-    """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/) copied into `repo` as a fresh, committed
-    git + DVC repository, with the data mirror, MLflow at `mlflow_uri` and the venv's tools on PATH."""
+    """The pipeline (dvc.yaml, params.yaml, stages/, src/, presets/, the empty data/external/) copied into `repo`
+    as a fresh, committed git + DVC repository, with the data mirror, MLflow at `mlflow_uri` and the venv's tools
+    on PATH."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO_ROOT / name, repo / name)
     for name in ("stages", "src", "presets"):
         shutil.copytree(REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    (repo / "data" / "external").mkdir(parents=True)
+    (repo / "data" / "external" / ".gitkeep").touch()
     env = dict(
         os.environ,
         SCRATCHGPT_MIRROR=str(mirror_dir),

@@ -27,7 +27,7 @@ from scratchgpt.apps.classify import (
     load_classifier,
     pad_collate,
 )
-from scratchgpt.data.datasets import build_spam_table, split_spam
+from scratchgpt.data.datasets import SPAM_INFO, build_spam_table, split_spam, with_label_info
 from scratchgpt.data.tokenizer import gpt2_tokenizer
 from scratchgpt.nn.checkpoint import read_safetensors, save_model
 from scratchgpt.nn.lora import count_parameters, merge_lora
@@ -71,7 +71,7 @@ def workdir(tmp_path: Path, mirror_dir: Path, spam_splits: Path, monkeypatch: py
     (work / "data" / "raw").mkdir(parents=True)
     for name in ("vocab.bpe", "encoder.json"):
         shutil.copy(mirror_dir / name, work / "data" / "raw" / name)
-    shutil.copytree(spam_splits, work / "data" / "processed" / "spam", ignore=shutil.ignore_patterns("SMS*"))
+    shutil.copytree(spam_splits, work / "data" / "processed" / "cls", ignore=shutil.ignore_patterns("SMS*"))
     torch.manual_seed(0)
     save_model(GPTModel(BASE), work / "models" / "base", extra={"source": {"kind": "test"}})
     for name in ("params.yaml", "dvc.yaml"):
@@ -251,12 +251,18 @@ def test_bad_params_fail_before_any_work(workdir: Path, caplog, values: dict, me
 
 
 def test_bad_data_fails_before_any_work(workdir: Path, caplog):
-    val = workdir / "data" / "processed" / "spam" / "val.parquet"
+    val = workdir / "data" / "processed" / "cls" / "val.parquet"
     pq.write_table(pq.read_table(val).slice(0, 0), val)
     with pytest.raises(SystemExit):
         run_stage()
     assert "the val split is empty" in caplog.text
-    pq.write_table(pa.table({"token_ids": [[1, 2]], "label": pa.array([7], pa.int8())}), val)
+    bad = pa.table({"token_ids": [[1, 2]], "label": pa.array([7], pa.int8())})
+    pq.write_table(bad, val)
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        run_stage()
+    assert "val.parquet: no label names in its metadata" in caplog.text
+    pq.write_table(with_label_info(bad, SPAM_INFO), val)
     caplog.clear()
     with pytest.raises(SystemExit):
         run_stage()

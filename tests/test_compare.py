@@ -288,3 +288,23 @@ def test_the_modes_runs_are_named_apart_in_an_experiment_marked_as_model_trainin
         f"{CLS} · last-block · preset cpu · exp cls-last-block",
         f"{CLS} · lora r16 · preset cpu · exp cls-lora",
     ]
+
+
+def test_a_classifier_of_your_own_labels_shows_macro_f1_and_each_class() -> None:
+    """Per-class test F1 (`final_test_class.<class>.f1`, class names made MLflow-safe) become `cls.f1[<class>]`
+    columns after the headlines, for entries that have them; others show nothing there."""
+    from types import SimpleNamespace
+
+    def run(metrics: dict[str, float]) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"cls.mode": "full"}),
+                               info=SimpleNamespace(run_id="r" * 32, start_time=1000, end_time=2000))  # fmt: skip
+
+    own = {"final_test_accuracy": 0.9, "final_test_macro_f1": 0.88, "final_test_class.billing.f1": 0.8,
+           "final_test_class.returns _ refunds.f1": 0.95, "final_test_class.billing.recall": 0.7}  # fmt: skip
+    entries = [compare.Entry("own", "run", {CLS: run(own)}),
+               compare.Entry("book", "run", {CLS: run({"final_test_accuracy": 0.92, "final_test_f1": 0.91})})]
+    table = compare.build_table(entries)
+    assert table.headlines == ["cls.mode", "cls.test_accuracy", "cls.test_f1", "cls.test_macro_f1", "cls.f1[billing]",
+                               "cls.f1[returns _ refunds]", "wall_time_s"]  # fmt: skip
+    assert table.rows[0]["cls.f1[billing]"] == 0.8 and table.rows[1]["cls.f1[billing]"] is None
+    assert "| own | run | full | 90.00% | — | 0.88 | 0.8 | 0.95 | 1.0 |" in compare.to_markdown(table)

@@ -14,7 +14,6 @@ import tiktoken
 from scratchgpt.data import corpus
 from scratchgpt.data.corpus import (
     CorpusError,
-    TokenizeParams,
     corpus_metadata,
     encode_corpus,
     iter_chunks,
@@ -24,6 +23,7 @@ from scratchgpt.data.corpus import (
     token_dtype,
 )
 from scratchgpt.data.tokenizer import gpt2_tokenizer
+from scratchgpt.pipeline.tokenize import TokenizeParams
 from scratchgpt.plumbing.params import ParamsError, from_dict
 
 EOT = "<|endoftext|>"
@@ -235,7 +235,7 @@ def test_tokenize_params_validation() -> None:
     assert from_dict(TokenizeParams, {}).corpus == ["data/raw/the-verdict.txt"]
     with pytest.raises(ParamsError, match="corpus is empty"):
         from_dict(TokenizeParams, {"corpus": []}, "tokenize")
-    with pytest.raises(ParamsError, match="list of file paths"):
+    with pytest.raises(ParamsError, match="list of files, directories or globs"):
         from_dict(TokenizeParams, {"corpus": "data/raw/the-verdict.txt"}, "tokenize")
     with pytest.raises(ParamsError, match="chunk_bytes"):
         from_dict(TokenizeParams, {"chunk_bytes": 0}, "tokenize")
@@ -243,3 +243,9 @@ def test_tokenize_params_validation() -> None:
         from_dict(TokenizeParams, {"num_threads": -1}, "tokenize")
     with pytest.raises(ParamsError, match="unknown key"):
         from_dict(TokenizeParams, {"corpuss": ["x"]}, "tokenize")
+    with pytest.raises(ParamsError, match="outside data/raw/ and data/external/, where DVC would not see it"):
+        from_dict(TokenizeParams, {"corpus": ["/home/me/book.txt"]}, "tokenize")
+    with pytest.raises(ParamsError, match="outside"):
+        from_dict(TokenizeParams, {"corpus": ["data/external/../../x.txt"]}, "tokenize")
+    with pytest.raises(ParamsError, match="a mapping needs 'path'"):
+        from_dict(TokenizeParams, {"corpus": [{"column": "text"}]}, "tokenize")

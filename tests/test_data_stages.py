@@ -48,7 +48,7 @@ def test_params_yaml_blocks_match_the_cpu_preset() -> None:
 def test_tokenize_then_sample(workdir: Path) -> None:
     load_stage("tokenize_data").main([])
     interim = workdir / "data" / "interim"
-    assert sorted(p.name for p in interim.iterdir()) == ["instruct.parquet", "pretrain_tokens.parquet", "spam.parquet"]
+    assert sorted(p.name for p in interim.iterdir()) == ["cls.parquet", "instruct.parquet", "pretrain_tokens.parquet"]
     m = json.loads((workdir / "metrics" / "tokenize.json").read_text())
     assert {k: m[k] for k in ("documents", "characters", "tokens")} == {
         "documents": 1,
@@ -67,7 +67,7 @@ def test_tokenize_then_sample(workdir: Path) -> None:
         "train_windows": 72, "train_tokens": 4630, "val_windows": 8, "val_tokens": 515, "max_length": 64, "stride": 64
     }  # fmt: skip
     for split, n in m["spam"].items():
-        assert pq.read_metadata(processed / "spam" / f"{split}.parquet").num_rows == n
+        assert pq.read_metadata(processed / "cls" / f"{split}.parquet").num_rows == n
     for split, n in m["instruct"].items():
         assert pq.read_metadata(processed / "instruct" / f"{split}.parquet").num_rows == n
     train = TokenWindowDataset(processed / "pretrain" / "train.parquet")

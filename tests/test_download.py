@@ -406,11 +406,43 @@ def test_mirror_from_env(tmp_path: Path) -> None:
         ({"max_backoff": 0.5, "backoff": 1.0}, "max_backoff"),
         ({"max_member_bytes": 1.5}, "max_member_bytes must be a positive integer"),
         ({"retry": 3}, r"unknown key\(s\) \['retry'\]"),
+        ({"files": [{"url": "ftp://x/a.csv", "sha256": "0" * 64}]}, r"files\[0\]: url must be an http"),
+        ({"files": [{"url": "https://x/a.csv", "sha256": "abc"}]}, "sha256 must be 64 lower-case hex digits"),
+        ({"files": [{"url": "https://x/a.csv"}]}, r"files\[0\]: source 'a.csv': a plain file needs a sha256"),
+        ({"files": [{"url": "https://x/a.csv", "sha256": "0" * 64, "size": 3}]}, "keys from"),
+        ({"files": [{"url": "https://x/vocab.bpe", "sha256": "0" * 64}]}, "already the name of another downloaded"),
     ],
 )
 def test_params_are_validated(override: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
         from_dict(DownloadParams, override, "download")
+
+
+def test_your_files_by_url_are_fetched_verified_and_mirrored(params: DownloadParams, tmp_path: Path) -> None:
+    """`download.files`: fetched into out_dir with the sources' checks, named by the URL (or `filename`), taken
+    from `<mirror>/<basename of the URL>` when a mirror is set; a wrong hash leaves nothing."""
+    data, other = b"id,body,queue\n1,hello,billing\n", b"a second file\n"
+    with FileServer({"/d/tickets.csv": Route(data), "/x/notes.txt": Route(other)}) as server:
+        files = [{"url": server.url("/d/tickets.csv"), "sha256": sha(data)},
+                 {"url": server.url("/x/notes.txt"), "sha256": sha(other), "filename": "corpus-notes.txt"}]  # fmt: skip
+        mine = DownloadParams(**{**params.__dict__, "sources": ["the-verdict"], "files": files})
+        assert [s.filename for s in mine.user_sources()] == ["tickets.csv", "corpus-notes.txt"]
+        records = [download_source(s, mine) for s in mine.user_sources()]
+    assert (Path(params.out_dir) / "tickets.csv").read_bytes() == data
+    assert (Path(params.out_dir) / "corpus-notes.txt").read_bytes() == other
+    assert [(r.name, r.source) for r in records] == [("tickets.csv", "url"), ("corpus-notes.txt", "url")]
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tickets.csv").write_bytes(data)
+    shutil.rmtree(params.out_dir)
+    (record,) = [download_source(s, mine, mirror=mirror) for s in mine.user_sources()[:1]]
+    assert record.source == "mirror" and (Path(params.out_dir) / "tickets.csv").read_bytes() == data
+    bad = DownloadParams(**{**mine.__dict__, "files": [{**files[0], "sha256": sha(b"other")}]})
+    (mirror / "tickets.csv").write_bytes(data)
+    shutil.rmtree(params.out_dir)
+    with pytest.raises(ChecksumError):
+        download_source(bad.user_sources()[0], bad, mirror=mirror)
+    assert not (Path(params.out_dir) / "tickets.csv").exists()
 
 
 def test_params_yaml_block_matches_defaults() -> None:

@@ -21,12 +21,14 @@ import torch
 import yaml
 from helpers import load_stage
 from ollama_server import FakeOllama, Reply, Slow, Status
+from openai_server import FakeOpenAI
 
 from scratchgpt.data.datasets import build_instruction_table
 from scratchgpt.data.tokenizer import gpt2_tokenizer
 from scratchgpt.nn.checkpoint import save_model
 from scratchgpt.nn.model import GPTConfig, GPTModel
 from scratchgpt.pipeline.evaluate import EvaluateParams, exact_match, normalize, rouge_l
+from scratchgpt.pipeline.judge import score_prompt
 from scratchgpt.plumbing.params import ParamsError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,9 +146,10 @@ def test_text_scores(caplog):
 
 def test_params_are_checked():
     assert EvaluateParams().judge == "none"
-    with pytest.raises(ParamsError, match="needs the `openai` client"):
-        from_dict(EvaluateParams, {"judge": "openai"}, "evaluate")
-    with pytest.raises(ParamsError, match=r"judge must be one of \['none', 'ollama'\]"):
+    assert from_dict(EvaluateParams, {"judge": "openai"}, "evaluate").api_key_env == "OPENAI_API_KEY"
+    with pytest.raises(ParamsError, match="api_key_env must name an environment variable"):
+        from_dict(EvaluateParams, {"judge": "openai", "api_key_env": "sk-123"}, "evaluate")
+    with pytest.raises(ParamsError, match=r"judge must be one of \['none', 'ollama', 'openai'\]"):
         from_dict(EvaluateParams, {"judge": "llama"}, "evaluate")
     with pytest.raises(ParamsError, match="url must be an http"):
         from_dict(EvaluateParams, {"url": "localhost:11434"}, "evaluate")
@@ -179,7 +182,8 @@ def test_without_a_judge(project: Path):
     assert f"| evaluate | ROUGE-L F1, mean | {test['rouge_l']:.3f} |" in report
     assert f"| response tokens the loss averages over | {test['loss_tokens']} |" in report
     assert "metrics/cls.json not found (run `dvc repro lora-cls-finetune`)" in report
-    assert "| lora-cls-finetune | spam classifier test accuracy | — |" in report
+    assert "| lora-cls-finetune | classifier test accuracy | — |" in report
+    assert "macro-F1" not in report and "positive class" not in report  # optional: left out when absent
     assert "![Pretraining loss](../plots/pretrain_loss.png)" in report
     assert "*Instruction fine-tuning loss: no plot yet (run `dvc repro instruct-finetune`).*" in report
     assert "this pipeline's own model" in report and "not as instruction following" in report
@@ -268,10 +272,6 @@ def test_inputs_are_checked_before_any_work(project: Path, caplog):
     with pytest.raises(SystemExit):
         run_stage()
     assert "models/instruct/model.safetensors not found: run the instruct-finetune stage first" in caplog.text
-    set_params(project, judge="openai")
-    with pytest.raises(SystemExit):
-        run_stage()
-    assert "needs the `openai` client" in caplog.text
     assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
 
 
@@ -311,3 +311,80 @@ def test_a_judge_run_killed_mid_way_resumes_asking_only_for_the_rest(project: Pa
     assert "cache" not in json.dumps(metrics)  # kept out of the metrics
     assert [s["judge_score"] for s in json.loads((project / "reports" / "eval_scores.json").read_text())] == [
         95, 30, 10, 80]  # fmt: skip
+
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def outputs_text(work: Path) -> str:
+    """Everything the stage wrote (metrics, reports) and logged to MLflow (params, tags, artifacts), as one text."""
+    files = [work / "metrics" / "eval.json", work / "reports" / "eval.md", work / "reports" / "eval_scores.json"]
+    text = "".join(p.read_text() for p in files if p.exists())
+    store = work.parent / "mlflow.db"
+    if store.exists():
+        text += store.read_bytes().decode("utf-8", "replace")
+        text += "".join(p.read_text(errors="replace") for p in work.parent.rglob("mlruns/**/*") if p.is_file())
+    return text
+
+
+def test_with_an_openai_compatible_judge(project: Path, caplog, monkeypatch: pytest.MonkeyPatch):
+    """The book's prompt and options through POST /v1/chat/completions with the key from the environment; a 503
+    is retried as with Ollama; the key is in no output, log, metric, param or tag."""
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        return Reply("95" if "Jane Austen" in prompt else "oops" if "mercury" in prompt else "40")
+
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    with FakeOpenAI(answer, script=[Status(503, "warming up")], key=KEY) as server:
+        set_params(project, judge="openai", url=server.url, model="judge-model", api_key_env="JUDGE_KEY",
+                   retries=2, backoff=0.0, timeout=10.0)  # fmt: skip
+        run_stage()
+        assert len(server.chats) == 5 and all(h["Authorization"] == f"Bearer {KEY}" for h in server.headers)
+        first = server.chats[0]
+        assert first["messages"] == [{"role": "user", "content": score_prompt(RESPONSES[0])}]
+        assert (first["model"], first["seed"], first["temperature"], first["stream"]) == ("judge-model", 123, 0, False)
+
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["judge"] == {"judged": 3, "unparseable": 1, "failed": 0, "mean_score": pytest.approx(175 / 3)}
+    report = (project / "reports" / "eval.md").read_text()
+    assert f"Judge: OpenAI-compatible model 'judge-model' at {server.url}." in report
+    assert "(options: seed 123, temperature 0;" in report
+    assert mlflow_run(project).data.params["evaluate.api_key_env"] == "JUDGE_KEY"
+    assert KEY not in outputs_text(project) and KEY not in caplog.text
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong-key-99999"])
+def test_an_openai_judge_refusing_the_key_fails_before_any_work(project: Path, caplog, monkeypatch, key):
+    """A server answering 401: one clear line naming the URL and the variable; no output, no MLflow run, no key."""
+    if key is None:
+        monkeypatch.delenv("JUDGE_KEY", raising=False)
+    else:
+        monkeypatch.setenv("JUDGE_KEY", key)
+    with FakeOpenAI(key=KEY) as server:
+        set_params(project, judge="openai", url=server.url, model="judge-model", api_key_env="JUDGE_KEY")
+        with pytest.raises(SystemExit):
+            run_stage()
+        assert server.chats == []
+    why = "$JUDGE_KEY is not set" if key is None else "the key in $JUDGE_KEY was refused"
+    assert f"the judge at {server.url} answers HTTP 401 ({why}): set $JUDGE_KEY to an API key" in caplog.text
+    assert not (project / "metrics" / "eval.json").exists() and not (project / "reports").exists()
+    assert not (project.parent / "mlflow.db").exists()
+    assert key is None or key not in caplog.text
+
+
+def test_a_classifier_of_your_own_labels_in_the_report(project: Path):
+    """metrics/cls.json of a 3-class classifier: its macro-F1 among the headlines, a per-class table and the
+    confusion matrix in the report; no complaint about the positive-class F1 it does not have."""
+    per_class = {"billing": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 4},
+                 "login": {"precision": 0.8, "recall": 1.0, "f1": 8 / 9, "support": 4},
+                 "other | misc": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}}  # fmt: skip
+    write_json(project / "metrics" / "cls.json", {"test_accuracy": 0.8, "test_macro_f1": 0.85, "test_class": per_class})
+    (project / "plots" / "cls_confusion.png").write_bytes(PNG)
+    run_stage()
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["cls"] == {"test_accuracy": 0.8, "test_macro_f1": 0.85}
+    report = (project / "reports" / "eval.md").read_text()
+    assert "| lora-cls-finetune | classifier test macro-F1 | 0.850 |" in report
+    assert "positive class" not in report and "test_f1" not in report
+    assert "| billing | 1.000 | 0.500 | 0.667 | 4 |" in report and "| other \\| misc | 1.000 |" in report
+    assert "![Classifier confusion matrix (test)](../plots/cls_confusion.png)" in report

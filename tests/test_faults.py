@@ -372,8 +372,8 @@ def test_a_truncated_checkpoint_file_stops_the_stage_with_the_ways_on(workdir: P
 @pytest.mark.parametrize(
     ("path", "producer"),
     [("models/base/model.safetensors", "load-gpt2"), ("models/base/config.json", "load-gpt2"),
-     ("data/processed/spam/train.parquet", "sample-to-parquet"),
-     ("data/processed/spam/test.parquet", "sample-to-parquet")],
+     ("data/processed/cls/train.parquet", "sample-to-parquet"),
+     ("data/processed/cls/test.parquet", "sample-to-parquet")],
 )  # fmt: skip
 def test_a_truncated_input_names_the_file_and_the_stage_that_makes_it(workdir: Path, caplog, path, producer):  # noqa: F811
     truncate(workdir / path)

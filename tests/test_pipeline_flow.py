@@ -120,7 +120,7 @@ def project(tmp_path_factory, mirror_dir: Path, prefect_server: Server) -> Proje
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml", "prefect.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for name in ("stages", "src", "presets", "flows"):
+    for name in ("stages", "src", "presets", "flows", "data/external"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     write_tiny_params(root)
     (root / "presets" / "flowtest.yaml").write_text("cls:\n  train:\n    lr: 0.001\n    nproc: 1\n")
@@ -251,7 +251,8 @@ def test_bad_overrides_and_stages_are_refused_before_any_stage_runs(flow_module,
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
         assert tasks == []  # not one stage ran
     assert (project.root / "params.yaml").read_bytes() == before
-    assert not (project.root / "dvc.lock").exists() and not (project.root / "data").exists()
+    assert not (project.root / "dvc.lock").exists()
+    assert [p.name for p in (project.root / "data").iterdir()] == ["external"]  # the user's files only
 
     # the command line refuses them before a flow run exists (exit 2, one line)
     for args, message in [(["--set", "cls.mode=lora", "--set", "cls.moed=full"], "did you mean cls.mode"),

@@ -14,7 +14,7 @@ from scratchgpt.plumbing.fileio import sha256_file
 pytestmark = pytest.mark.slow
 
 # One file of each kind of cached output: data, a persistent checkpoint, a model, a stage's file output.
-PULLED = ("data/raw/vocab.bpe", "data/raw-manifest.json", "data/processed/spam/train.parquet",
+PULLED = ("data/raw/vocab.bpe", "data/raw-manifest.json", "data/processed/cls/train.parquet",
           "models/pretrain/trainer_state.pt", "models/spam-classifier/model.safetensors",
           "data/responses/instruct_test.json")  # fmt: skip
 

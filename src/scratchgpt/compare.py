@@ -14,9 +14,10 @@ What is compared: *entries*, one row each, made of stage runs (tag `dvc_stage`):
 Only FINISHED stage runs count; for a stage run more than once in one entry the latest counts.
 
 Outputs, in --out (default reports/compare/, replaced as a whole): comparison.md and comparison.csv
-(per entry: the params that differ, the headline metrics each stage logs to MLflow, wall time,
-throughput, MLflow run ids), val_loss_<stage>.png (the step-wise validation loss of each entry,
-overlaid, per training stage) and cls_accuracy.png (classifier test accuracy by fine-tuning mode).
+(per entry: the params that differ, the headline metrics each stage logs to MLflow, each class's test F1 of a
+classifier on your own labels, wall time, throughput, MLflow run ids), val_loss_<stage>.png (the step-wise
+validation loss of each entry, overlaid, per training stage) and cls_accuracy.png (classifier test accuracy
+by fine-tuning mode).
 The table is also printed. Unless --no-log, the outputs are logged as artifacts of a new MLflow run
 tagged `scratchgpt_comparison` (never compared itself). The store is `scratchgpt.plumbing.tracking`'s
 (MLFLOW_TRACKING_URI, else the project's mlflow.db; --tracking-uri overrides it).
@@ -28,6 +29,7 @@ import csv
 import io
 import logging
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -81,6 +83,7 @@ HEADLINES = (
     Headline("cls.mode", CLS_STAGE, "cls.mode", param=True),
     Headline("cls.test_accuracy", CLS_STAGE, "final_test_accuracy"),
     Headline("cls.test_f1", CLS_STAGE, "final_test_f1"),
+    Headline("cls.test_macro_f1", CLS_STAGE, "final_test_macro_f1"),
     Headline("cls.examples_per_s", CLS_STAGE, "final_examples_per_s"),
     Headline("instruct.val_loss", "instruct-finetune", "final_val_loss"),
     Headline("instruct.tokens_per_s", "instruct-finetune", "final_tokens_per_s"),
@@ -90,6 +93,8 @@ HEADLINES = (
     Headline("judge.mean_score", "evaluate", "judge.mean_score"),
 )
 WALL_TIME = "wall_time_s"
+CLASS_F1 = re.compile(r"^final_test_class\.(.+)\.f1$")
+"""A classifier run's per-class test F1 (data other than the book's): a column `cls.f1[<class>]` each."""
 
 
 @dataclass
@@ -291,7 +296,8 @@ def differing_params(entries: Sequence[Entry]) -> tuple[list[str], list[dict[str
 
 
 def headline_values(entry: Entry) -> dict[str, Any]:
-    """The entry's headline metrics (and `cls.mode`) by column, plus its wall time; absent ones left out."""
+    """The entry's headline metrics (and `cls.mode`) by column, each class's test F1 (`cls.f1[<class>]`, for
+    classifiers of more than the book's two classes), plus its wall time; absent ones left out."""
     out: dict[str, Any] = {}
     for h in HEADLINES:
         run = entry.stages.get(h.stage)
@@ -300,6 +306,11 @@ def headline_values(entry: Entry) -> dict[str, Any]:
         source = run.data.params if h.param else run.data.metrics
         if h.key in source:
             out[h.column] = source[h.key]
+    cls = entry.stages.get(CLS_STAGE)
+    for key, value in sorted(cls.data.metrics.items()) if cls is not None else ():
+        match = CLASS_F1.match(key)
+        if match:
+            out[f"cls.f1[{match.group(1)}]"] = value
     wall = entry.wall_time_s()
     if wall is not None:
         out[WALL_TIME] = wall
@@ -310,7 +321,8 @@ def build_table(entries: list[Entry]) -> Comparison:
     """Rows of the comparison: label, kind, differing params, headline metrics, MLflow run ids."""
     differing, params = differing_params(entries)
     values = [headline_values(e) for e in entries]
-    order = [h.column for h in HEADLINES] + [WALL_TIME]
+    per_class = sorted({c for v in values for c in v if c.startswith("cls.f1[")})
+    order = [h.column for h in HEADLINES] + per_class + [WALL_TIME]
     headlines = [c for c in order if c not in differing and any(c in v for v in values)]
     rows = []
     for entry, p, v in zip(entries, params, values, strict=True):

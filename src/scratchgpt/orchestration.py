@@ -32,7 +32,7 @@ PARAMS_BACKUP = Path(".dvc") / "tmp" / "scratchgpt-pipeline.params.yaml"
 HARDWARE_KEYS = ("device", "precision", "nproc")
 # Shown first in the summary, in this order, when a stage's metrics file has them.
 HEADLINE_METRICS = (
-    "test_accuracy", "test_f1", "val_loss", "val_perplexity", "train_loss", "tokens_per_s", "tokens",
+    "test_accuracy", "test_f1", "test_macro_f1", "val_loss", "val_perplexity", "train_loss", "tokens_per_s", "tokens",
     "documents", "n_files", "total_bytes",
 )  # fmt: skip
 # States of a stage in a flow run.
@@ -208,8 +208,8 @@ def resolve_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -
 
 def _validate(params: dict[str, Any]) -> None:
     """`scratchgpt.presets.validate`, and the two sections it leaves out (download, tokenize)."""
-    from scratchgpt.data.corpus import TokenizeParams
     from scratchgpt.data.download import DownloadParams
+    from scratchgpt.pipeline.tokenize import TokenizeParams
 
     validate(params)
     from_dict(DownloadParams, params.get("download"), "download")

@@ -1,12 +1,14 @@
 """A GPT with a classification head (the book's chapter 6): data, padding, saving, loading and prediction.
 
-    python -m scratchgpt.classify --model models/spam-classifier "You are a winner, claim your prize now"
+    python -m scratchgpt.classify "You are a winner, claim your prize now"          # models/<cls.name>
     python -m scratchgpt.classify --model models/spam-classifier --file messages.txt   # one text per line
-    cat messages.txt | python -m scratchgpt.classify --model models/spam-classifier
+    cat messages.txt | python -m scratchgpt.classify --probabilities                   # every class's too
 
-prints one line per text: the label, its probability and the text. The model directory is
-self-contained: `model.safetensors` and `config.json` (the GPT config, the label names, how texts are
-padded and pooled) and the GPT-2 vocabulary the texts are encoded with.
+prints one line per text: the label, its probability and the text (with --probabilities, every class's
+probability before the text). `--model` defaults to models/<cls.name> of ./params.yaml (models/
+spam-classifier without one). The model directory is self-contained: `model.safetensors` and `config.json`
+(the GPT config, the class names, how texts are padded and pooled) and the GPT-2 vocabulary the texts are
+encoded with.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from scratchgpt.data.tokenizer import ENCODER_JSON, VOCAB_BPE, gpt2_tokenizer
 from scratchgpt.nn import checkpoint
 from scratchgpt.nn.model import GPTConfig, GPTModel
 from scratchgpt.plumbing import cli, fileio
+from scratchgpt.plumbing.params import ParamsError, read_params
 from scratchgpt.train import distributed
 from scratchgpt.train.losses import classification_logits
 
@@ -103,7 +106,7 @@ class ClassifierInfo:
     """How a saved classifier reads texts (the `classifier` section of its config.json)."""
 
     labels: tuple[str, ...]
-    """Class names in output order (ham, spam)."""
+    """Class names in output order (the book's: ham, spam)."""
     pool: str
     """last-token | last-position (see scratchgpt.train.losses.POOLS)."""
     max_length: int
@@ -159,19 +162,53 @@ def predict_proba(model: nn.Module, ids: Sequence[Tensor], info: ClassifierInfo,
 def classify_texts(directory: str | os.PathLike[str], texts: Sequence[str], *, batch_size: int = 32,
                    device: str = "auto") -> list[tuple[str, float]]:
     """`(label, probability)` for each text, with the classifier in `directory`."""
+    return [(label, prob) for label, prob, _ in classify_texts_all(directory, texts, batch_size=batch_size,
+                                                                   device=device)]  # fmt: skip
+
+
+def classify_texts_all(directory: str | os.PathLike[str], texts: Sequence[str], *, batch_size: int = 32,
+                       device: str = "auto") -> list[tuple[str, float, dict[str, float]]]:
+    """`(label, probability, {class: probability})` for each text, with the classifier in `directory`."""
     dev = distributed.resolve_device(device)
     model, info = load_classifier(directory, dev)
-    return label_texts(model, info, gpt2_tokenizer(directory), texts, batch_size=batch_size, device=dev)
+    probs = text_probabilities(model, info, gpt2_tokenizer(directory), texts, batch_size=batch_size, device=dev)
+    return [(*best, every) for best, every in zip(best_labels(info, probs), class_probabilities(info, probs),
+                                                   strict=True)]  # fmt: skip
+
+
+def text_probabilities(model: nn.Module, info: ClassifierInfo, tokenizer, texts: Sequence[str], *,
+                       batch_size: int = 32, device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
+    """Class probabilities (N, C) of texts, with a loaded classifier and its tokenizer (an empty text reads as
+    one padding token)."""
+    ids = [torch.tensor(tokenizer.encode_ordinary(text) or [PAD_ID], dtype=torch.long) for text in texts]
+    return predict_proba(model, ids, info, batch_size=batch_size, device=device)
+
+
+def best_labels(info: ClassifierInfo, probs: Tensor) -> list[tuple[str, float]]:
+    """`(label, probability)` of each row's most probable class."""
+    best = probs.argmax(-1)
+    return [(info.labels[int(k)], float(probs[i, k])) for i, k in enumerate(best)]
+
+
+def class_probabilities(info: ClassifierInfo, probs: Tensor) -> list[dict[str, float]]:
+    """`{class name: probability}` of each row, in the classes' order."""
+    return [dict(zip(info.labels, (float(p) for p in row), strict=True)) for row in probs]
 
 
 def label_texts(model: nn.Module, info: ClassifierInfo, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
                 device: torch.device | str = "cpu") -> list[tuple[str, float]]:
     """`(label, probability)` for each text, with a loaded classifier and its tokenizer (an empty text reads
     as one padding token)."""
-    ids = [torch.tensor(tokenizer.encode_ordinary(text) or [PAD_ID], dtype=torch.long) for text in texts]
-    probs = predict_proba(model, ids, info, batch_size=batch_size, device=device)
-    best = probs.argmax(-1)
-    return [(info.labels[int(k)], float(probs[i, k])) for i, k in enumerate(best)]
+    return best_labels(info, text_probabilities(model, info, tokenizer, texts, batch_size=batch_size, device=device))
+
+
+def default_model_dir(params_file: str | os.PathLike[str] = "params.yaml") -> Path:
+    """models/<cls.name> of `params_file` (in the working directory), else the book's models/spam-classifier."""
+    try:
+        name = read_params(params_file).get("cls", {}).get("name")
+    except ParamsError:
+        name = None
+    return Path("models") / (name if isinstance(name, str) and name else "spam-classifier")
 
 
 def _read_texts(args: Any) -> list[str]:
@@ -190,24 +227,30 @@ def _read_texts(args: Any) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("texts", nargs="*", help="texts to classify (default: --file, else standard input)")
-    parser.add_argument("--model", type=Path, default=Path("models/spam-classifier"),
-                        help="classifier directory (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--model", type=Path, default=default_model_dir(),
+                        help="classifier directory (default: models/<cls.name> of ./params.yaml: %(default)s)")
     parser.add_argument("--file", type=Path, help="read texts from this file, one per line")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--device", default="auto", choices=distributed.DEVICES, help="where to run")
     parser.add_argument("--json", action="store_true", help="print JSON lines: text, label, probability")
+    parser.add_argument("--probabilities", action="store_true", help="also print every class's probability")
     args = parser.parse_args(argv)
     cli.setup_logging(logging.WARNING)
     texts = _read_texts(args)
     try:
-        results = classify_texts(args.model, texts, batch_size=args.batch_size, device=args.device)
+        results = classify_texts_all(args.model, texts, batch_size=args.batch_size, device=args.device)
     except checkpoint.CheckpointError as exc:
         raise SystemExit(f"error: {exc}. {REMAKE}") from exc
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    for text, (label, prob) in zip(texts, results, strict=True):
+    for text, (label, prob, every) in zip(texts, results, strict=True):
         if args.json:
-            print(json.dumps({"text": text, "label": label, "probability": round(prob, 6)}))
+            line = {"text": text, "label": label, "probability": round(prob, 6)}
+            if args.probabilities:
+                line["probabilities"] = {name: round(p, 6) for name, p in every.items()}
+            print(json.dumps(line))
+        elif args.probabilities:
+            print("\t".join([label, f"{prob:.4f}", *(f"{name}={p:.4f}" for name, p in every.items()), text]))
         else:
             print(f"{label}\t{prob:.4f}\t{text}")
 

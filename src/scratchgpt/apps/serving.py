@@ -1,14 +1,16 @@
-"""The pipeline's two products as MLflow models in the model registry: `spam-classifier` and `instruct`.
+"""The pipeline's two products as MLflow models in the model registry: the classifier (`spam-classifier` for the
+book's data, `cls.name` in general) and `instruct`.
 
     import mlflow, pandas as pd
     clf = mlflow.pyfunc.load_model("models:/spam-classifier/1")
     clf.predict(pd.DataFrame({"text": ["WINNER!! Claim your prize"]}))      # columns label, probability
+    clf.predict(pd.DataFrame({"text": ["..."]}), params={"probabilities": True})  # and {class: probability}
     bot = mlflow.pyfunc.load_model("models:/instruct/1")
     bot.predict(pd.DataFrame({"instruction": ["Name a color."], "input": [""]}))   # column response
 
     mlflow models serve -m models:/spam-classifier/1 --env-manager local --host 127.0.0.1 --port 5001
 
-`SpamClassifier` and `InstructModel` are `mlflow.pyfunc.PythonModel` wrappers around our own code
+`Classifier` and `InstructModel` are `mlflow.pyfunc.PythonModel` wrappers around our own code
 (`classify.load_classifier` + `classify.label_texts`; `checkpoint.load_model` + `instruct.encode_prompt`
 + `instruct.answer_prompts`, the test responses' batched generation). The stage's model directory
 (`model.safetensors`, `config.json`, the GPT-2 vocabulary) is the model's one artifact, the scratchgpt
@@ -16,9 +18,9 @@ package travels with it (`code_paths`), and its pip requirements are pinned from
 (so MLflow infers nothing in a subprocess).
 
 `log_classifier` / `log_instruct_model` log one as a model of a stage's MLflow run and register it as the
-next version of its registered model, with the run's headline metrics as version tags and in the
-description. They do nothing for a no-op run (tracking off, DDP ranks other than 0) or with
-`SCRATCHGPT_REGISTER=0`.
+next version of its registered model (the classifier under the name the stage gives it), with the run's
+headline metrics as version tags and in the description. They do nothing for a no-op run (tracking off, DDP
+ranks other than 0) or with `SCRATCHGPT_REGISTER=0`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 import scratchgpt
-from scratchgpt.apps.classify import label_texts, load_classifier
+from scratchgpt.apps.classify import best_labels, class_probabilities, load_classifier, text_probabilities
 from scratchgpt.apps.instruct import answer_prompts, encode_prompt
 from scratchgpt.data.tokenizer import gpt2_tokenizer
 from scratchgpt.nn import checkpoint
@@ -56,7 +58,8 @@ ARTIFACT = "model_dir"  # the key of the stage's model directory among the MLflo
 # checks the list against a real load-and-predict). Pinned to the installed versions when logged.
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "tiktoken", "tqdm", "PyYAML")
 # What `metrics/cls.json` and `metrics/instruct.json` headline: the version tags and description.
-CLASSIFIER_HEADLINE = ("test_accuracy", "test_f1", "test_precision", "test_recall", "val_accuracy")
+CLASSIFIER_HEADLINE = ("test_accuracy", "test_f1", "test_precision", "test_recall", "test_macro_f1",
+                       "test_macro_precision", "test_macro_recall", "val_accuracy")
 INSTRUCT_HEADLINE = ("val_loss", "train_loss", "test_responses", "response_tokens_per_s")
 # The wrappers' model_config as logged; override at load time (`mlflow.pyfunc.load_model(uri, model_config=
 # {"device": "cpu"})`) or when serving (`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'`).
@@ -64,9 +67,10 @@ CLASSIFIER_CONFIG = {"device": "auto", "batch_size": 32}
 INSTRUCT_CONFIG = {"device": "auto", "batch_size": 16}
 
 
-class SpamClassifier(mlflow.pyfunc.PythonModel):
-    """Texts (column `text`) in; `label` (ham | spam) and its `probability` out, as `python -m
-    scratchgpt.apps.classify` answers. model_config: `device`, `batch_size` (`CLASSIFIER_CONFIG`)."""
+class Classifier(mlflow.pyfunc.PythonModel):
+    """Texts (column `text`) in; `label` (a class name from the classifier's config.json) and its
+    `probability` out, as `python -m scratchgpt.classify` answers; with the request param `probabilities`
+    true, also `probabilities`: every class's. model_config: `device`, `batch_size` (`CLASSIFIER_CONFIG`)."""
 
     def load_context(self, context) -> None:
         self.device = distributed.resolve_device(context.model_config["device"])
@@ -77,9 +81,15 @@ class SpamClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         texts = [str(t) for t in _column(model_input, "text")]
-        results = label_texts(self.model, self.info, self.tokenizer, texts, batch_size=self.batch_size,
-                              device=self.device)  # fmt: skip
-        return pd.DataFrame(results, columns=["label", "probability"])
+        probs = text_probabilities(self.model, self.info, self.tokenizer, texts, batch_size=self.batch_size,
+                                   device=self.device)  # fmt: skip
+        out = pd.DataFrame(best_labels(self.info, probs), columns=["label", "probability"])
+        if (params or {}).get("probabilities"):
+            out["probabilities"] = class_probabilities(self.info, probs)
+        return out
+
+
+SpamClassifier = Classifier  # the name models registered before the classifier took any labels import
 
 
 class InstructModel(mlflow.pyfunc.PythonModel):
@@ -133,21 +143,30 @@ class ModelSpec:
     summary: str
 
 
-def classifier_spec() -> ModelSpec:
+BOOK_EXAMPLE = ["WINNER!! You have been selected to receive a £900 prize. Call now!", "Are we still on for lunch?"]
+
+
+def classifier_spec(name: str = CLASSIFIER_NAME, labels: tuple[str, ...] = ("ham", "spam"),
+                    examples: list[str] | None = None) -> ModelSpec:  # fmt: skip
+    """The classifier registered as `name`, answering with `labels`; `examples` (default: two SMS) show the input."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import DataType, Map
 
     inputs = Schema([ColSpec("string", "text")])
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability")])
-    example = ["WINNER!! You have been selected to receive a £900 prize. Call now!", "Are we still on for lunch?"]
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                      ColSpec(Map(DataType.double), "probabilities", required=False)])  # fmt: skip
+    params = ParamSchema([ParamSpec("probabilities", "boolean", False)])
+    kind = "Spam classifier" if name == CLASSIFIER_NAME else f"Classifier {name!r}"
     return ModelSpec(
-        CLASSIFIER_NAME,
-        SpamClassifier,
-        ModelSignature(inputs, outputs),
-        pd.DataFrame({"text": example}),
+        name,
+        Classifier,
+        ModelSignature(inputs, outputs, params),
+        pd.DataFrame({"text": examples or BOOK_EXAMPLE}),
         CLASSIFIER_CONFIG,
         CLASSIFIER_HEADLINE,
-        "Spam classifier (scratchgpt, lora-cls-finetune): text in, label (ham | spam) and probability out.",
+        f"{kind} (scratchgpt, lora-cls-finetune): text in, label ({' | '.join(labels)}) and probability out "
+        "(request param probabilities: true adds every class's).",
     )
 
 
@@ -181,11 +200,16 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def log_classifier(run: StageRun, model_dir: str | os.PathLike[str], metrics: Mapping[str, float],
-                   tags: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+def log_classifier(run: StageRun, model_dir: str | os.PathLike[str], metrics: Mapping[str, Any],
+                   tags: Mapping[str, Any] | None = None, *, name: str = CLASSIFIER_NAME,
+                   examples: list[str] | None = None) -> Any:  # fmt: skip
     """Log `model_dir` (from `classify.save_classifier`) as a model of `run` and register it as the next
-    version of `spam-classifier`; the ModelVersion, or None when registering is off."""
-    return log_and_register(run, classifier_spec(), model_dir, metrics, tags)
+    version of `name` (the book's: `spam-classifier`); the ModelVersion, or None when registering is off."""
+    if not (run.enabled and registry_enabled()):
+        return None
+    config = Path(model_dir) / checkpoint.CONFIG_FILE
+    labels = tuple(checkpoint.load_config(model_dir)["classifier"]["labels"]) if config.is_file() else ()
+    return log_and_register(run, classifier_spec(name, labels, examples), model_dir, metrics, tags)
 
 
 def log_instruct_model(

@@ -1,6 +1,8 @@
 """Streaming encoding of a pretraining corpus into one Parquet column of GPT-2 token ids.
 
-The corpus is a list of UTF-8 text files, one document each. Their token stream is
+The corpus is a list of documents: UTF-8 text files (one document each) and the rows of a text column of
+Parquet, JSONL, JSON, CSV or TSV files (`CorpusFile`; `corpus_files` expands the `tokenize.corpus` entries,
+globs and directories included). Their token stream is
 `enc(doc_1) + [<|endoftext|>] + enc(doc_2) + ...` — exactly what encoding the documents joined by
 the text `<|endoftext|>` with that special token allowed gives (a document's own text is always
 encoded as ordinary text).
@@ -8,7 +10,8 @@ encoded as ordinary text).
 Memory stays flat in the corpus size: files are read in blocks, cut into chunks at points where
 GPT-2's pre-tokenizer is guaranteed to split anyway (so chunked encoding equals whole-text
 encoding), encoded a batch of chunks at a time with tiktoken's threaded `encode_ordinary_batch`, and
-written incrementally with a `pyarrow.parquet.ParquetWriter` while the next batches encode.
+written incrementally with a `pyarrow.parquet.ParquetWriter` while the next batches encode (a table
+file's rows are read whole: `tokenize.max_file_bytes` bounds it).
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
+from scratchgpt.data.inputs import check_input_path, expand
+from scratchgpt.data.records import FORMATS, detect_format, read_records, text_value
 from scratchgpt.plumbing.fileio import atomic_path
-from scratchgpt.plumbing.params import check_int
 from scratchgpt.plumbing.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -53,25 +58,45 @@ class CorpusError(ValueError):
     """The corpus is empty, unreadable or not UTF-8."""
 
 
-@dataclass
-class TokenizeParams:
-    """`tokenize` section of params.yaml."""
+CORPUS_COLUMN = "text"
+"""The text column of a table-format corpus file unless the entry names another."""
 
-    corpus: list[str] = field(default_factory=lambda: ["data/raw/the-verdict.txt"])
-    """The pretraining corpus: UTF-8 text files, one document each, joined by <|endoftext|> in order."""
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    """Bytes of text per encode call. Does not change the output (chunks are cut where GPT-2's
-    pre-tokenizer splits anyway); bounds memory at about 3 * num_threads chunks."""
-    num_threads: int = 0
-    """Encoder threads; 0 = one per CPU. Does not change the output."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.corpus, list) or not all(isinstance(p, str) and p for p in self.corpus):
-            raise ValueError(f"corpus must be a list of file paths, got {self.corpus!r}")
-        if not self.corpus:
-            raise ValueError("corpus is empty: list at least one text file")
-        check_int(self, "chunk_bytes", 1)
-        check_int(self, "num_threads", 0)
+@dataclass(frozen=True)
+class CorpusFile:
+    """One file of the corpus and how to read it: `text` (the whole file is one document) or a table format
+    (`scratchgpt.data.records.FORMATS`) whose `column` holds one document per row."""
+
+    path: Path
+    format: str = "text"
+    column: str | None = None
+
+
+def check_corpus_entry(entry: Any, setting: str) -> None:
+    """ValueError unless `entry` is a path/glob/directory, or a mapping {path, column?, format?}, inside the
+    input directories (`scratchgpt.data.inputs`)."""
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - {"path", "column", "format"})
+        if unknown or "path" not in entry:
+            raise ValueError(f"{setting}: a mapping needs 'path' and may have 'column' and 'format', got {entry!r}")
+        if "column" in entry and (not isinstance(entry["column"], str) or not entry["column"]):
+            raise ValueError(f"{setting}: column must be a column name, got {entry['column']!r}")
+        if entry.get("format", "auto") not in ("auto", "text", *FORMATS):
+            raise ValueError(f"{setting}: format must be one of {['auto', 'text', *FORMATS]}, got {entry['format']!r}")
+        entry = entry["path"]
+    check_input_path(entry, setting)
+
+
+def corpus_files(entries: Sequence[str | dict], setting: str = "tokenize.corpus") -> list[CorpusFile]:
+    """The files the corpus entries name, in order (globs and directories expanded); a file's format comes from
+    the entry or its extension (others are text)."""
+    out = []
+    for i, entry in enumerate(entries):
+        spec = entry if isinstance(entry, dict) else {"path": entry}
+        for path in expand(spec["path"], f"{setting}[{i}]"):
+            fmt = detect_format(path, spec.get("format", "auto")) or "text"
+            out.append(CorpusFile(path, fmt, None if fmt == "text" else spec.get("column", CORPUS_COLUMN)))
+    return out
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -135,8 +160,12 @@ def iter_chunks(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_B
 
     A stretch with no safe point (e.g. one enormous word) is carried forward until one appears.
     """
+    return _cut_chunks(iter_utf8_blocks(path, chunk_bytes))
+
+
+def _cut_chunks(blocks: Iterable[str]) -> Iterator[str]:
     buf = ""
-    for block in iter_utf8_blocks(path, chunk_bytes):
+    for block in blocks:
         buf = buf + block if buf else block
         cut = safe_cut(buf)
         if cut:
@@ -146,12 +175,27 @@ def iter_chunks(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_B
         yield buf
 
 
+def iter_documents(source: str | os.PathLike[str] | CorpusFile, chunk_bytes: int) -> Iterator[Iterator[str]]:
+    """The documents of one corpus file, each as its chunks (`iter_chunks`): a text file is one document, a
+    table file one per row of its text column (an empty text is a DataFileError naming the row and column)."""
+    if not isinstance(source, CorpusFile) or source.format == "text":
+        yield iter_chunks(source.path if isinstance(source, CorpusFile) else source, chunk_bytes)
+        return
+    assert source.column is not None
+    for record in read_records(source.path, source.format, [source.column]):
+        text = text_value(record, source.column)
+        yield _cut_chunks(text[i : i + chunk_bytes] for i in range(0, len(text), chunk_bytes))
+
+
 @dataclass
 class DocumentStats:
+    """One corpus file: its documents (1 for a text file, its rows for a table) and their text."""
+
     path: str
     bytes: int = 0
     characters: int = 0
     tokens: int = 0
+    documents: int = 0
 
 
 @dataclass
@@ -172,7 +216,7 @@ class CorpusStats:
     def metrics(self) -> dict[str, float | int]:
         """Flat numbers for metrics/tokenize.json."""
         return {
-            "documents": len(self.documents),
+            "documents": sum(d.documents for d in self.documents),
             "characters": self.characters,
             "bytes": self.bytes,
             "tokens": self.tokens,
@@ -206,19 +250,21 @@ class _TokenSink:
         self.buffer, self.buffered = ([rest], len(rest)) if len(rest) else ([], 0)
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
+def _batched(items: Iterable[tuple[Any, bool, str]], n: int, min_chars: int = 0) -> Iterator[list]:
+    """Batches of `n` pieces, or of more until they hold `min_chars` of text (short table rows go together)."""
+    batch, chars = [], 0
     for item in items:
         batch.append(item)
-        if len(batch) == n:
+        chars += len(item[2])
+        if len(batch) >= n and chars >= min_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
 def encode_corpus(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str] | CorpusFile],
     enc: tiktoken.Encoding,
     out_path: str | os.PathLike[str],
     *,
@@ -228,34 +274,40 @@ def encode_corpus(
     compression: str = "zstd",
     progress: bool = True,
 ) -> CorpusStats:
-    """Encode the documents `paths` into `out_path`: a Parquet file with one column `token`.
+    """Encode the documents of `paths` into `out_path`: a Parquet file with one column `token`.
 
-    Documents are separated by `enc.eot_token`. Chunks of about `chunk_bytes` go to tiktoken's
+    A text file is one document; a table file (`CorpusFile` of a table format) one per row of its text
+    column. Documents are separated by `enc.eot_token`. Chunks of about `chunk_bytes` go to tiktoken's
     `encode_ordinary_batch` `num_threads` at a time, with two such calls in flight. Memory use is
     bounded by about `3 * num_threads` chunks of text and their tokens, whatever the corpus
     size. The output appears atomically; on any error nothing is left at `out_path`.
     """
     if not paths:
         raise CorpusError("empty corpus: no documents given")
+    files = [p if isinstance(p, CorpusFile) else CorpusFile(Path(p)) for p in paths]
     sizes = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise CorpusError(f"{p}: corpus file not found")
-        sizes.append(Path(p).stat().st_size)
+    for f in files:
+        if not f.path.is_file():
+            raise CorpusError(f"{f.path}: corpus file not found")
+        sizes.append(f.path.stat().st_size)
         if sizes[-1] == 0:
-            raise CorpusError(f"{p}: corpus file is empty")
+            raise CorpusError(f"{f.path}: corpus file is empty")
     threads = num_threads or os.cpu_count() or 1
     dtype = token_dtype(enc.n_vocab)
     stats = CorpusStats()
     eot = np.array([enc.eot_token], dtype=dtype)
-    bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", show=progress)
+    all_text = all(f.format == "text" for f in files)  # else file sizes are not text bytes
+    bar = progress_bar(total=sum(sizes) if all_text else None, unit="B", unit_scale=True, desc="tokenize",
+                       show=progress)  # fmt: skip
 
     def pieces() -> Iterator[tuple[DocumentStats, bool, str]]:
-        for p in paths:
-            doc = DocumentStats(path=str(p))
+        for f in files:
+            doc = DocumentStats(path=str(f.path))
             stats.documents.append(doc)
-            for i, text in enumerate(iter_chunks(p, chunk_bytes)):
-                yield doc, i == 0, text
+            for chunks in iter_documents(f, chunk_bytes):
+                doc.documents += 1
+                for i, text in enumerate(chunks):
+                    yield doc, i == 0, text
 
     def write(sink: _TokenSink, group: list[tuple[DocumentStats, bool, str]], ids: list[list[int]]) -> None:
         for (doc, starts_doc, text), chunk_ids in zip(group, ids, strict=True):
@@ -283,7 +335,7 @@ def encode_corpus(
         in_flight: deque[tuple[list, Future]] = deque()
         # Batch calls overlap: while one waits for its slowest chunk (a document's short tail),
         # the next keeps the other CPUs busy; finished batches are stored in order meanwhile.
-        for group in _batched(pieces(), threads):
+        for group in _batched(pieces(), threads, 0 if all_text else threads * chunk_bytes // 2):
             texts = [text for _, _, text in group]
             in_flight.append((group, encoders.submit(enc.encode_ordinary_batch, texts, num_threads=threads)))
             if len(in_flight) == _BATCHES_IN_FLIGHT:

@@ -6,8 +6,10 @@ Three datasets, as in the book:
   `train_ratio` of its tokens, then each part is cut into windows of `max_length + 1` tokens
   starting every `stride` tokens — the book's `GPTDatasetV1` sampler, stored one window per row.
   `TokenWindowDataset` reads them back memory-mapped as `(input, target)` pairs.
-* **SMS spam** (ch. 6): text, label (ham=0, spam=1) and token ids; balanced by undersampling the
-  majority class, shuffled, split 70/10/20.
+* **Labelled texts** (ch. 6): text, label (a class index; the names ride in the table's metadata,
+  `LabelInfo`) and token ids. The book's SMS spam (ham=0, spam=1) is balanced by undersampling the
+  majority class, shuffled, split 70/10/20 (`split_spam`); other data (`scratchgpt.data.labelled`) may
+  have any number of classes and stratified splits.
 * **Instructions** (ch. 7): Alpaca-style prompts with prompt and response token ids kept apart;
   split in file order 85/10/5 into train/test/val.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -32,18 +35,19 @@ import torch
 from torch.utils.data import Dataset
 
 from scratchgpt.data.corpus import read_utf8, token_dtype
+from scratchgpt.data.instruction_data import INSTRUCTION_KEYS, SPLIT_COLUMN, read_instruction_records
+from scratchgpt.data.records import DatasetError
 from scratchgpt.plumbing.fileio import atomic_dir, atomic_path
-from scratchgpt.plumbing.params import check_int, check_ratio
+from scratchgpt.plumbing.params import check_bool, check_choice, check_int, check_ratio
 
 WINDOW_COLUMN = "window"
 # Window row groups of ~64 KiB. A random read decodes one whole group (Parquet stores a list's
 # values with per-value levels, ~5 ns each, plus ~0.1 ms per read call): ~0.4 ms per random item
 # on a loaded 2-core machine, ~20-30 us per item when reading in order.
 ROW_GROUP_BYTES = 1 << 16
-
-
-class DatasetError(ValueError):
-    """Input data that cannot become a dataset: malformed records, unknown labels, too little data."""
+BALANCE = ("undersample", "none")
+LABELS_METADATA_KEY = b"scratchgpt.labels"
+"""Parquet schema metadata of a labelled table: its `LabelInfo` as JSON."""
 
 
 def read_parquet(path: str | os.PathLike[str], columns: Sequence[str] | None = None) -> pa.Table:
@@ -76,25 +80,35 @@ class SampleParams:
     train_ratio: float = 0.9
     """Share of the pretraining token stream (from its start) used for training; the rest validates."""
     seed: int = 123
-    """Seed for the spam collection's undersampling and shuffle."""
-    spam_train_ratio: float = 0.7
-    """Share of the shuffled spam rows for training (first in order)."""
-    spam_val_ratio: float = 0.1
-    """Share of the shuffled spam rows for validation (after train); the rest is the test split."""
+    """Seed for the labelled texts' undersampling and shuffle."""
+    cls_train_ratio: float = 0.7
+    """Share of the labelled texts (of `tokenize.classification.path`) for training."""
+    cls_val_ratio: float = 0.1
+    """Share of the labelled texts for validation; the rest is the test split. A split given as a file is not
+    drawn: the texts then go to train and the other split in proportion to their ratios."""
+    balance: str = "undersample"
+    """undersample: every class cut to the smallest class's size before splitting (the book, for its SMS
+    data); none: every row kept (for imbalanced data, see cls.class_weights)."""
+    stratify: bool = False
+    """true: each class is cut at the ratios on its own, so every split has the data's class shares; false:
+    the rows are shuffled together and cut (the book)."""
     instruct_train_ratio: float = 0.85
     """Share of the instruction records for training, in file order (first)."""
     instruct_test_ratio: float = 0.1
-    """Share of the instruction records for testing (after train); the rest is validation."""
+    """Share of the instruction records for testing (after train); the rest is validation. With a given test
+    file the records go to train and validation in proportion to their ratios."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "stride"):
             check_int(self, name, 1)
         check_int(self, "seed", 0)
-        ratios = ("train_ratio", "spam_train_ratio", "spam_val_ratio", "instruct_train_ratio", "instruct_test_ratio")
+        ratios = ("train_ratio", "cls_train_ratio", "cls_val_ratio", "instruct_train_ratio", "instruct_test_ratio")
         for name in ratios:
             check_ratio(self, name)
-        if self.spam_train_ratio + self.spam_val_ratio >= 1:
-            raise ValueError("spam_train_ratio + spam_val_ratio must leave a test split (sum < 1)")
+        if self.cls_train_ratio + self.cls_val_ratio >= 1:
+            raise ValueError("cls_train_ratio + cls_val_ratio must leave a test split (sum < 1)")
+        check_choice(self, "balance", BALANCE)
+        check_bool(self, "stratify")
         if self.instruct_train_ratio + self.instruct_test_ratio >= 1:
             raise ValueError("instruct_train_ratio + instruct_test_ratio must leave a validation split (sum < 1)")
 
@@ -104,9 +118,53 @@ def _ids_array(ids: Sequence[Sequence[int]], dtype: np.dtype) -> pa.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# SMS spam collection
+# Labelled texts, and the SMS spam collection
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """What a labelled table's `label` column means, kept in the table's Parquet metadata."""
+
+    labels: tuple[str, ...]
+    """The class names; label k is `labels[k]`."""
+    positive_label: str | None = None
+    """The class whose precision, recall and F1 the classifier's metrics report (binary data; the book: spam);
+    None: macro averages and every class's own."""
+    dataset: str = "cls"
+    """The data's name in the metrics files: `spam` for the SMS Spam Collection, else `cls`."""
+    source: str = ""
+    """The file the rows came from."""
+    column: str = "label"
+    """Its label column."""
+
+
+def with_label_info(table: pa.Table, info: LabelInfo) -> pa.Table:
+    """`table` carrying `info` in its schema metadata (kept by `take`, `filter` and Parquet files)."""
+    meta = dict(table.schema.metadata or {})
+    meta[LABELS_METADATA_KEY] = json.dumps(dataclasses.asdict(info)).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def read_label_info(source: pa.Table | pa.Schema | str | os.PathLike[str]) -> LabelInfo:
+    """The `LabelInfo` of a labelled table, schema or Parquet file; DatasetError when it has none."""
+    schema = source.schema if isinstance(source, pa.Table) else source
+    if not isinstance(schema, pa.Schema):
+        schema = pq.read_schema(source)
+    raw = (schema.metadata or {}).get(LABELS_METADATA_KEY)
+    if raw is None:
+        raise DatasetError(f"{source if not isinstance(source, pa.Table | pa.Schema) else 'table'}: no label names "
+                           "in its metadata (not written by the tokenize stage)")  # fmt: skip
+    data = json.loads(raw)
+    return LabelInfo(**{**data, "labels": tuple(data["labels"])})
+
+
+def label_dtype(n_classes: int) -> pa.DataType:
+    """int8 for up to 127 classes (the book's), else a wider int."""
+    return pa.int8() if n_classes <= 127 else pa.int16() if n_classes <= 32767 else pa.int32()
+
 
 SPAM_LABELS = {"ham": 0, "spam": 1}
+SPAM_INFO = LabelInfo(("ham", "spam"), positive_label="spam", dataset="spam")
 
 
 def read_spam_collection(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
@@ -132,17 +190,44 @@ def read_spam_collection(path: str | os.PathLike[str]) -> tuple[list[str], list[
     return texts, labels
 
 
-def build_spam_table(path: str | os.PathLike[str], enc: tiktoken.Encoding) -> pa.Table:
-    """Columns `text`, `label` (int8: ham 0, spam 1) and `token_ids` (GPT-2 ids), in file order."""
-    texts, labels = read_spam_collection(path)
-    ids = enc.encode_ordinary_batch(texts)
-    return pa.table(
+def labelled_table(texts: Sequence[str], labels: Sequence[int], enc: tiktoken.Encoding, info: LabelInfo) -> pa.Table:
+    """Columns `text`, `label` (the class index) and `token_ids` (GPT-2 ids), with `info` in the metadata."""
+    ids = enc.encode_ordinary_batch(list(texts))
+    table = pa.table(
         {
             "text": pa.array(texts, pa.string()),
-            "label": pa.array(labels, pa.int8()),
+            "label": pa.array(labels, label_dtype(len(info.labels))),
             "token_ids": _ids_array(ids, token_dtype(enc.n_vocab)),
         }
     )
+    return with_label_info(table, info)
+
+
+def build_spam_table(path: str | os.PathLike[str], enc: tiktoken.Encoding) -> pa.Table:
+    """Columns `text`, `label` (int8: ham 0, spam 1) and `token_ids` (GPT-2 ids), in file order."""
+    texts, labels = read_spam_collection(path)
+    return labelled_table(texts, labels, enc, dataclasses.replace(SPAM_INFO, source=str(path)))
+
+
+def undersample(labels: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """Row indices with every class cut to the smallest class's count, class by class: each larger class by
+    `numpy.random.RandomState(seed).choice` without replacement (pandas' `DataFrame.sample(random_state=seed)`,
+    the book's draw)."""
+    keep = min(int((labels == label).sum()) for label in range(n_classes))
+    parts = []
+    for label in range(n_classes):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) > keep:
+            rows = rows[np.random.RandomState(seed).choice(len(rows), size=keep, replace=False)]
+        parts.append(rows)
+    return np.concatenate(parts)
+
+
+def cut_points(n: int, train_ratio: float, val_ratio: float | None) -> tuple[int, int]:
+    """Where train ends and where val ends in `n` shuffled rows: `int(n * train_ratio)`, then `int(n * val_ratio)`
+    more (`val_ratio` None: validation is not drawn, so it ends where train does)."""
+    train_end = int(n * train_ratio)
+    return train_end, train_end + (int(n * val_ratio) if val_ratio is not None else 0)
 
 
 def split_spam(table: pa.Table, *, seed: int, train_ratio: float, val_ratio: float) -> dict[str, pa.Table]:
@@ -155,20 +240,12 @@ def split_spam(table: pa.Table, *, seed: int, train_ratio: float, val_ratio: flo
     """
     labels = table.column("label").to_numpy()
     counts = {label: int((labels == label).sum()) for label in (0, 1)}
-    keep = min(counts.values())
-    if keep == 0:
+    if min(counts.values()) == 0:
         raise DatasetError(f"spam table has no {'ham' if counts[0] == 0 else 'spam'} rows to balance against")
-    parts = []
-    for label in (0, 1):
-        rows = np.flatnonzero(labels == label)
-        if len(rows) > keep:
-            rows = rows[np.random.RandomState(seed).choice(len(rows), size=keep, replace=False)]
-        parts.append(rows)
-    balanced = np.concatenate(parts)
+    balanced = undersample(labels, 2, seed)
     shuffled = balanced[np.random.RandomState(seed).choice(len(balanced), size=len(balanced), replace=False)]
+    train_end, val_end = cut_points(len(shuffled), train_ratio, val_ratio)
     n = len(shuffled)
-    train_end = int(n * train_ratio)
-    val_end = train_end + int(n * val_ratio)
     bounds = {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, n)}
     return {name: table.take(shuffled[a:b]) for name, (a, b) in bounds.items()}
 
@@ -176,7 +253,6 @@ def split_spam(table: pa.Table, *, seed: int, train_ratio: float, val_ratio: flo
 # --------------------------------------------------------------------------------------------
 # Instruction data (Alpaca format)
 
-INSTRUCTION_KEYS = ("instruction", "input", "output")
 PROMPT_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -196,22 +272,9 @@ def format_response(output: str) -> str:
 
 
 def read_instructions(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The instruction records: a JSON list of objects with string `instruction`, `input`, `output`."""
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, list) or not data:
-        raise DatasetError(f"{path}: expected a non-empty JSON list of records")
-    for index, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise DatasetError(f"{path}: record {index} is a {type(record).__name__}, not an object")
-        for key in INSTRUCTION_KEYS:
-            if key not in record:
-                raise DatasetError(f"{path}: record {index} has no {key!r} key")
-            if not isinstance(record[key], str):
-                raise DatasetError(f"{path}: record {index}: {key!r} is not a string")
-    return data
+    """The instruction records of the book's file: a JSON list of objects with string `instruction`, `input`,
+    `output` (`scratchgpt.data.instruction_data` reads other layouts and field names)."""
+    return read_instruction_records(path, fmt="json")
 
 
 def split_prompt_ids(full_ids: Sequence[int], prompt_ids: Sequence[int], enc: tiktoken.Encoding, prompt: str) -> int:
@@ -231,14 +294,18 @@ def split_prompt_ids(full_ids: Sequence[int], prompt_ids: Sequence[int], enc: ti
     return k
 
 
-def build_instruction_table(path: str | os.PathLike[str], enc: tiktoken.Encoding) -> pa.Table:
+def build_instruction_table(
+    source: str | os.PathLike[str] | Sequence[Mapping[str, str]], enc: tiktoken.Encoding, *, train_records: int | None = None
+) -> pa.Table:
     """Columns `instruction`, `input`, `output`, `prompt`, `response`, `prompt_ids`, `response_ids`.
 
-    `prompt` is `format_prompt(record)` and `response` is `format_response(output)`; the model
-    reads `prompt + response`, whose encoding is exactly `prompt_ids + response_ids`. To train on
-    the response only, mask the first `len(prompt_ids)` positions of the target.
+    `source` is the book's JSON file or the records themselves. `prompt` is `format_prompt(record)` and
+    `response` is `format_response(output)`; the model reads `prompt + response`, whose encoding is exactly
+    `prompt_ids + response_ids`. To train on the response only, mask the first `len(prompt_ids)` positions of
+    the target. With `train_records` (records after the first that many come from a given test file), a `split`
+    column marks those `test`.
     """
-    records = read_instructions(path)
+    records = read_instructions(source) if isinstance(source, str | os.PathLike) else list(source)
     prompts = [format_prompt(r) for r in records]
     responses = [format_response(r["output"]) for r in records]
     full = enc.encode_ordinary_batch([p + r for p, r in zip(prompts, responses, strict=True)])
@@ -250,11 +317,25 @@ def build_instruction_table(path: str | os.PathLike[str], enc: tiktoken.Encoding
     columns["response"] = pa.array(responses, pa.string())
     columns["prompt_ids"] = _ids_array([f[:c] for f, c in zip(full, cuts, strict=True)], dtype)
     columns["response_ids"] = _ids_array([f[c:] for f, c in zip(full, cuts, strict=True)], dtype)
+    if train_records is not None and train_records < len(records):
+        marks = [""] * train_records + ["test"] * (len(records) - train_records)
+        columns[SPLIT_COLUMN] = pa.array(marks, pa.string())
     return pa.table(columns)
 
 
 def split_instructions(table: pa.Table, *, train_ratio: float, test_ratio: float) -> dict[str, pa.Table]:
-    """File-order split: first `int(n * train_ratio)` train, next `int(n * test_ratio)` test, rest val."""
+    """File-order split: first `int(n * train_ratio)` train, next `int(n * test_ratio)` test, rest val.
+
+    With a given test split (rows marked `test` in the `split` column) the other rows split in file order into
+    train and validation in proportion to their ratios: the first `int(n * train_ratio / (1 - test_ratio))`
+    train.
+    """
+    if SPLIT_COLUMN in table.column_names:
+        given = np.array(table.column(SPLIT_COLUMN).to_pylist()) == "test"
+        table = table.drop_columns([SPLIT_COLUMN])
+        own, test = table.filter(pa.array(~given)), table.filter(pa.array(given))
+        train_end = int(own.num_rows * train_ratio / (1 - test_ratio))
+        return {"train": own.slice(0, train_end), "val": own.slice(train_end), "test": test}
     n = table.num_rows
     train_end = int(n * train_ratio)
     test_end = train_end + int(n * test_ratio)

@@ -1,7 +1,8 @@
 """Download the pipeline's source files, verified against pinned sha256 hashes.
 
-Each file in `scratchgpt.data.sources.SOURCES` comes either from its URL or, when `SCRATCHGPT_MIRROR=DIR`
-is set, from `DIR/<basename of its URL>`; the checks are the same either way.
+Each file in `scratchgpt.data.sources.SOURCES` (and each of your own in `download.files`, pinned the same
+way) comes either from its URL or, when `SCRATCHGPT_MIRROR=DIR` is set, from `DIR/<basename of its URL>`;
+the checks are the same either way.
 
 Where bytes go:
 - Outputs (`out_dir/<filename>`) are written to a temporary name beside the target and renamed only
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -93,6 +96,10 @@ class DownloadParams:
     """Bytes per read from the network or a file."""
     max_member_bytes: int = 64 << 20
     """Largest archive member (uncompressed bytes) we agree to extract: the zip-bomb bound."""
+    files: list[dict[str, Any]] = field(default_factory=list)
+    """Your own files by URL, fetched into out_dir with the same checks: each `{url, sha256}` (a zip: `{url,
+    member, member_sha256}`, the member extracted), optionally `filename` (default: the URL's basename). With a
+    mirror, a file comes from `<mirror>/<basename of its URL>`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
@@ -116,11 +123,53 @@ class DownloadParams:
         check_int(self, "retries", 0)
         for name in ("chunk_size", "max_member_bytes"):
             check_int(self, name, 1)
+        self.user_sources()  # checks `files`
+
+    def user_sources(self) -> list[Source]:
+        """`files` as `Source`s (named by their file names); ValueError naming the entry if one is malformed."""
+        if not isinstance(self.files, list):
+            raise ValueError(f"files must be a list of {{url, sha256}} mappings, got {self.files!r}")
+        taken = {SOURCES[name].filename for name in self.sources}
+        out = []
+        for i, entry in enumerate(self.files):
+            out.append(_user_source(entry, f"files[{i}]"))
+            if out[-1].filename in taken:
+                raise ValueError(f"files[{i}]: {out[-1].filename!r} is already the name of another downloaded file; "
+                                 "set its filename")  # fmt: skip
+            taken.add(out[-1].filename)
+        return out
+
+    def all_sources(self) -> list[Source]:
+        """The named sources, then `files`."""
+        return [SOURCES[name] for name in self.sources] + self.user_sources()
 
     def http_options(self) -> dict[str, Any]:
         """The keyword arguments of `fetch_url` these params set (timeouts, retries, backoff, chunk size)."""
         names = ("connect_timeout", "read_timeout", "retries", "backoff", "max_backoff", "chunk_size")
         return {name: getattr(self, name) for name in names}
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_KEYS = {"url", "sha256", "filename", "member", "member_sha256"}
+
+
+def _user_source(entry: Any, where: str) -> Source:
+    if not isinstance(entry, dict) or "url" not in entry or set(entry) - _FILE_KEYS:
+        raise ValueError(f"{where}: expected a mapping with url and sha256 (or member and member_sha256), "
+                         f"keys from {sorted(_FILE_KEYS)}; got {entry!r}")  # fmt: skip
+    url = entry["url"]
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        raise ValueError(f"{where}: url must be an http(s) URL, got {url!r}")
+    for key in ("sha256", "member_sha256"):
+        if entry.get(key) is not None and not (isinstance(entry[key], str) and _SHA256.fullmatch(entry[key])):
+            raise ValueError(f"{where}: {key} must be 64 lower-case hex digits, got {entry[key]!r}")
+    basename = posixpath.basename(unquote(urlsplit(url).path))
+    filename = entry.get("filename") or (entry.get("member") and posixpath.basename(entry["member"])) or basename
+    try:
+        return Source(name=str(filename), url=url, filename=str(filename), sha256=entry.get("sha256"),
+                      member=entry.get("member"), member_sha256=entry.get("member_sha256"))  # fmt: skip
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 @dataclass
@@ -478,7 +527,7 @@ def _copy_verified(src: Path, dest: Path, expected: str, chunk_size: int) -> tup
 
 def download_all(params: DownloadParams, *, mirror: Path | None = None) -> list[FileRecord]:
     """Fetch every source named in `params.sources`, in order; stop at the first failure."""
-    records = [download_source(SOURCES[name], params, mirror=mirror) for name in params.sources]
+    records = [download_source(source, params, mirror=mirror) for source in params.all_sources()]
     out_dir = Path(params.out_dir)
     extra = sorted(p.name for p in out_dir.iterdir() if p.name not in {r.filename for r in records})
     if extra:

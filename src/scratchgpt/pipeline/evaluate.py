@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from scratchgpt.data.datasets import INSTRUCTION_KEYS, DatasetError
 from scratchgpt.nn import checkpoint
 from scratchgpt.nn.model import GPTModel
 from scratchgpt.pipeline import report, stage
-from scratchgpt.pipeline.judge import JUDGES, JudgeCache, Judgement, OllamaJudge, judge_all, summarize
+from scratchgpt.pipeline.judge import JUDGES, Judge, JudgeCache, Judgement, OllamaJudge, judge_all, summarize
+from scratchgpt.pipeline.openai_judge import OpenAIJudge
 from scratchgpt.plumbing import fileio, tracking
 from scratchgpt.plumbing.params import check_choice, check_int, check_number, check_str, flatten
 from scratchgpt.train import distributed
@@ -53,11 +55,15 @@ class EvaluateParams:
     """The `evaluate` section of params.yaml."""
 
     judge: str = "none"
-    """none: no judge (exact match and ROUGE-L only) | ollama: a model served by Ollama scores each response 0-100."""
+    """none: no judge (exact match and ROUGE-L only) | ollama: a model served by Ollama scores each response 0-100
+    | openai: a model behind any OpenAI-compatible API (vLLM, llama.cpp's server, LM Studio, a hosted API) does."""
     url: str = "http://localhost:11434"
-    """The judge's server (Ollama's native API)."""
+    """The judge's server: Ollama's address, or the OpenAI-compatible API's base URL (e.g. http://localhost:8000/v1)."""
     model: str = "llama3"
     """The judge model, as the server names it (the book: llama3, Llama 3 8B)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """judge openai: the environment variable holding the API key (sent as a bearer token; unset: none is sent).
+    The key itself is never logged or written."""
     timeout: float = 120.0
     """Seconds one judge request may wait (to connect, and for each read); the first one may load the model."""
     retries: int = 3
@@ -72,16 +78,13 @@ class EvaluateParams:
     """auto | cpu | cuda | mps: where the response loss is computed."""
 
     def __post_init__(self) -> None:
-        if self.judge == "openai":
-            raise ValueError(
-                "judge 'openai' (OpenAI-compatible servers) is not available: it needs the `openai` client, "
-                "which scratchgpt does not depend on. Use judge: ollama (Ollama's native API) or none"
-            )
         check_choice(self, "judge", JUDGES)
         check_str(self, "url")
         if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
             raise ValueError(f"url must be an http(s) URL such as http://localhost:11434, got {self.url!r}")
         check_str(self, "model")
+        if not isinstance(self.api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ValueError(f"api_key_env must name an environment variable, got {self.api_key_env!r}")
         check_number(self, "timeout", 0, exclusive=True)
         check_int(self, "retries", 0)
         check_number(self, "backoff", 0)
@@ -120,13 +123,17 @@ class Headline:
     """Its key there."""
     label: str
     """What it is, in the report."""
+    optional: bool = False
+    """Only some runs have it (the classifier reports the positive class's F1 or the macro-F1): absent, it is
+    left out rather than reported missing."""
 
 
 HEADLINES = (
     Headline("pretrain", "pretrain.json", "pretrain", "val_loss", "validation loss"),
     Headline("pretrain", "pretrain.json", "pretrain", "val_perplexity", "validation perplexity"),
-    Headline("cls", "cls.json", "lora-cls-finetune", "test_accuracy", "spam classifier test accuracy"),
-    Headline("cls", "cls.json", "lora-cls-finetune", "test_f1", "spam classifier test F1"),
+    Headline("cls", "cls.json", "lora-cls-finetune", "test_accuracy", "classifier test accuracy"),
+    Headline("cls", "cls.json", "lora-cls-finetune", "test_f1", "classifier test F1 (positive class)", True),
+    Headline("cls", "cls.json", "lora-cls-finetune", "test_macro_f1", "classifier test macro-F1", True),
     Headline("instruct", "instruct.json", "instruct-finetune", "train_loss", "train loss"),
     Headline("instruct", "instruct.json", "instruct-finetune", "val_loss", "validation loss"),
 )
@@ -136,6 +143,7 @@ PLOTS = (
     ("cls_accuracy.png", "Classifier accuracy", "lora-cls-finetune"),
     ("instruct_loss.png", "Instruction fine-tuning loss", "instruct-finetune"),
 )
+CONFUSION_PNG = "cls_confusion.png"
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +241,8 @@ def gather_headlines(metrics_dir: Path) -> tuple[dict[str, dict[str, float]], li
         if data is None:
             continue
         value = data.get(h.key)
+        if value is None and h.optional:
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             problems.append(f"{path} has no number {h.key!r}")
             continue
@@ -255,6 +265,17 @@ def _read_metrics(path: Path, producer: str, problems: list[str]) -> dict | None
     return data
 
 
+def classifier_classes(metrics_dir: Path) -> dict[str, dict[str, float]] | None:
+    """Each class's test precision, recall, F1 and support from metrics/cls.json (a classifier on your own
+    labels), or None."""
+    path = metrics_dir / "cls.json"
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8")).get("test_class")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # gather_headlines reports what is wrong with the file
+    return classes if isinstance(classes, dict) and classes else None
+
+
 def base_record(model_dir: Path) -> dict[str, Any] | None:
     """Where the instruction model's base came from (`base` or `source` in its config.json), if recorded."""
     config = checkpoint.load_config(model_dir)
@@ -266,12 +287,15 @@ def base_record(model_dir: Path) -> dict[str, Any] | None:
 # The stage
 
 
-def make_judge(params: EvaluateParams) -> OllamaJudge | None:
+def make_judge(params: EvaluateParams) -> Judge | None:
     """The chosen judge, checked to answer (JudgeError naming the URL otherwise); None for judge: none."""
     if params.judge == "none":
         return None
-    judge = OllamaJudge(params.url, params.model, timeout=params.timeout, retries=params.retries,
-                        backoff=params.backoff)  # fmt: skip
+    options = {"timeout": params.timeout, "retries": params.retries, "backoff": params.backoff}
+    if params.judge == "openai":
+        judge: Judge = OpenAIJudge(params.url, params.model, api_key_env=params.api_key_env, **options)
+    else:
+        judge = OllamaJudge(params.url, params.model, **options)
     try:
         judge.probe()
     except BaseException:
@@ -348,7 +372,10 @@ def _evaluate(params, paths, test, records, base, model, device, judge, run) -> 
 
     text = report.render_eval_report(
         metrics=metrics,
-        headlines=[(h, headlines.get(h.section, {}).get(h.key)) for h in HEADLINES],
+        headlines=[(h, headlines.get(h.section, {}).get(h.key)) for h in HEADLINES
+                   if not h.optional or h.key in headlines.get(h.section, {})],
+        classes=classifier_classes(paths.metrics_dir),
+        confusion=_plot_link(paths, CONFUSION_PNG),
         problems=problems,
         examples=per_example,
         plots=_plot_links(paths),
@@ -356,6 +383,7 @@ def _evaluate(params, paths, test, records, base, model, device, judge, run) -> 
         model_parameters=model.num_parameters(),
         context_length=context,
         judge=judge.describe() if judge is not None else None,
+        judge_options=judge.options if judge is not None else {},
         shown=params.examples_in_report,
         files={"model": paths.model_dir, "responses": paths.responses, "test": paths.test_split,
                "scores": paths.scores},
@@ -388,12 +416,12 @@ def _judge_fields(judgements: list[Judgement] | None, index: int) -> dict[str, A
 
 def _plot_links(paths: EvaluatePaths) -> list[tuple[str, str | None, str]]:
     """(title, link relative to the report or None when missing, the stage that draws it) per plot."""
-    out = []
-    for png, title, producer in PLOTS:
-        path = paths.plots_dir / png
-        link = Path(os.path.relpath(path, paths.report.parent)).as_posix() if path.is_file() else None
-        out.append((title, link, producer))
-    return out
+    return [(title, _plot_link(paths, png), producer) for png, title, producer in PLOTS]
+
+
+def _plot_link(paths: EvaluatePaths, png: str) -> str | None:
+    path = paths.plots_dir / png
+    return Path(os.path.relpath(path, paths.report.parent)).as_posix() if path.is_file() else None
 
 
 def _exp(loss: float) -> float:

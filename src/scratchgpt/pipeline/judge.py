@@ -18,8 +18,9 @@ by the judge (backend, model and, as the server reports it, the model's digest),
 the prompt's sha256, so another judge, model or response is asked afresh. Scores and unparseable replies
 are kept (the request is deterministic); failed requests are not.
 
-Backends: `ollama` (Ollama's native `/api/chat`). An OpenAI-compatible backend would need the `openai`
-client, which is not a dependency of scratchgpt.
+Backends: `ollama` (Ollama's native `/api/chat`, `OllamaJudge`) and `openai` (any OpenAI-compatible
+`/chat/completions`: vLLM, llama.cpp's server, LM Studio, a hosted API; `scratchgpt.pipeline.openai_judge`).
+Both are a `Judge`: the retries, the backoff and the reading of replies are the same for each.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from scratchgpt.plumbing.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-JUDGES = ("none", "ollama")
-"""The `evaluate.judge` choices: none (no judge), ollama (Ollama's native API)."""
+JUDGES = ("none", "ollama", "openai")
+"""The `evaluate.judge` choices: none (no judge), ollama (Ollama's native API), openai (an OpenAI-compatible API)."""
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 """The book's request options: deterministic scores, comparable with its 49.45 for gpt2-medium."""
 PROBE_TIMEOUT = 5.0
@@ -106,8 +107,80 @@ def parse_score(reply: str | None) -> int | None:
     return value if 0 <= value <= 100 else None
 
 
-class OllamaJudge:
+class Judge:
+    """A judge model behind an HTTP API: asks the book's question, retries transient failures, reads the score.
+
+    A backend sets `retries`, `backoff`, `_sleep` and `_errors` (what a request can raise) and implements
+    `describe`, `probe`, `_reply(prompt)` (one request: the reply's text) and `_transient(exc)`.
+    """
+
+    options: Mapping[str, object] = OPTIONS
+    """The request options the judge is asked with (the book's, as far as the API takes them)."""
+    backend: str
+    """The `evaluate.judge` value that selects this backend."""
+    model: str
+    digest: str | None = None
+    """The served model's digest where the server reports one (set by `probe`): a new pull of the same
+    name is another judge."""
+    retries: int
+    backoff: float
+    _sleep: Callable[[float], None]
+    _errors: tuple[type[BaseException], ...]
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, object]:
+        """What makes two verdicts comparable: backend, model (and digest) and the request options."""
+        return {"backend": self.backend, "model": self.model, "digest": self.digest, "options": dict(self.options)}
+
+    def probe(self) -> None:
+        """JudgeError (naming the URL and what to do) unless the judge can be used."""
+        raise NotImplementedError
+
+    def _reply(self, prompt: str) -> str:
+        raise NotImplementedError
+
+    def _transient(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def ask(self, prompt: str) -> tuple[str, int]:
+        """The judge's reply to `prompt` and the attempts it took; JudgeRequestError after the retries."""
+        for attempt in range(1, self.retries + 2):
+            try:
+                return self._reply(prompt), attempt
+            except self._errors as exc:
+                if not self._transient(exc) or attempt > self.retries:
+                    raise JudgeRequestError(_describe(exc), attempt) from exc
+                delay = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+                log.warning("judge request failed (%s); retry %d of %d in %.1f s",
+                            _describe(exc), attempt, self.retries, delay)  # fmt: skip
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def judge(self, record: Mapping[str, str]) -> Judgement:
+        """Score one record's `model_response` against its `output`."""
+        try:
+            reply, attempts = self.ask(score_prompt(record))
+        except JudgeRequestError as exc:
+            return Judgement("failed", error=str(exc), attempts=exc.attempts)
+        score = parse_score(reply)
+        return Judgement("unparseable" if score is None else "scored", score, reply, attempts=attempts)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Judge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OllamaJudge(Judge):
     """A model served by Ollama (`/api/chat`), asked through the official `ollama` client."""
+
+    backend = "ollama"
 
     def __init__(
         self,
@@ -131,15 +204,9 @@ class OllamaJudge:
         self.backoff = backoff
         self._sleep = sleep
         self._client = ollama.Client(host=url, timeout=timeout)
-        self.digest: str | None = None
-        """The served model's digest (set by `probe`): a new pull of the same name is another judge."""
 
     def describe(self) -> str:
         return f"ollama model {self.model!r} at {self.url}"
-
-    def identity(self) -> dict[str, object]:
-        """What makes two verdicts comparable: backend, model (and digest) and the request options."""
-        return {"backend": "ollama", "model": self.model, "digest": self.digest, "options": OPTIONS}
 
     def probe(self) -> None:
         """Check, in at most `PROBE_TIMEOUT` seconds, that the server answers and has the model.
@@ -166,46 +233,23 @@ class OllamaJudge:
             )
         self.digest = served[0].digest or None
 
-    def ask(self, prompt: str) -> tuple[str, int]:
-        """The judge's reply to `prompt` and the attempts it took; JudgeRequestError after the retries."""
-        for attempt in range(1, self.retries + 2):
-            try:
-                response = self._client.chat(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], options=OPTIONS, stream=False
-                )
-                return response.message.content or "", attempt
-            except self._errors as exc:
-                if not _transient(exc) or attempt > self.retries:
-                    raise JudgeRequestError(_describe(exc), attempt) from exc
-                delay = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
-                log.warning("judge request failed (%s); retry %d of %d in %.1f s",
-                            _describe(exc), attempt, self.retries, delay)  # fmt: skip
-                self._sleep(delay)
-        raise AssertionError("unreachable")
+    def _reply(self, prompt: str) -> str:
+        response = self._client.chat(
+            model=self.model, messages=[{"role": "user", "content": prompt}], options=OPTIONS, stream=False
+        )
+        return response.message.content or ""
 
-    def judge(self, record: Mapping[str, str]) -> Judgement:
-        """Score one record's `model_response` against its `output`."""
-        try:
-            reply, attempts = self.ask(score_prompt(record))
-        except JudgeRequestError as exc:
-            return Judgement("failed", error=str(exc), attempts=exc.attempts)
-        score = parse_score(reply)
-        return Judgement("unparseable" if score is None else "scored", score, reply, attempts=attempts)
+    def _transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> OllamaJudge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class JudgeCache:
     """Verdicts received so far, one JSON line each in `path` (appended and synced as each arrives)."""
 
-    def __init__(self, path: str | os.PathLike[str], judge: OllamaJudge) -> None:
+    def __init__(self, path: str | os.PathLike[str], judge: Judge) -> None:
         self.path = Path(path)
         self._judge = json.dumps(judge.identity(), sort_keys=True)
         self._verdicts: dict[str, Judgement] = {}
@@ -247,7 +291,7 @@ class JudgeCache:
 
 
 def judge_all(
-    judge: OllamaJudge,
+    judge: Judge,
     records: Iterable[Mapping[str, str]],
     *,
     total: int | None = None,

@@ -27,6 +27,9 @@ def render_eval_report(
     *,
     metrics: Mapping[str, Any],
     headlines: Sequence[tuple[Any, float | None]],
+    classes: Mapping[str, Mapping[str, float]] | None = None,
+    confusion: str | None = None,
+    judge_options: Mapping[str, Any] = OPTIONS,
     problems: Sequence[str],
     examples: Sequence[Mapping[str, Any]],
     plots: Sequence[tuple[str, str | None, str]],
@@ -37,7 +40,8 @@ def render_eval_report(
     shown: int,
     files: Mapping[str, str | os.PathLike[str]],
 ) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown (`classes`: the classifier's per-class test numbers, shown with the
+    `confusion` matrix's link when given)."""
     test = metrics["test"]
     judged = metrics.get("judge")
     out = [
@@ -66,9 +70,11 @@ def render_eval_report(
     ]
     if problems:
         out += ["", "Not available:", *[f"- {p}" for p in problems]]
+    if classes:
+        out += _classes_section(classes, confusion)
     out += _responses_section(test, examples)
     if judged is not None:
-        out += _judge_section(judge, judged, examples, files["scores"])
+        out += _judge_section(judge, judged, examples, files["scores"], judge_options)
     out += _plots_section(plots)
     out += _examples_sections(examples, shown, judged_by_llm=bool(judged and judged.get("judged")))
     out += _method_section(files)
@@ -107,6 +113,17 @@ def _expectations(base: Mapping[str, Any] | None, parameters: int, examples: Seq
     return f"Base: {where or 'not recorded in the model config'}. {spread}"
 
 
+def _classes_section(classes: Mapping[str, Mapping[str, float]], confusion: str | None) -> list[str]:
+    lines = ["", "## Classifier, per class (test split)", "", "| class | precision | recall | F1 | texts |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, m in classes.items():
+        lines.append(f"| {_cell(name)} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+                     f"{int(m['support'])} |")  # fmt: skip
+    if confusion:
+        lines += ["", f"![Classifier confusion matrix (test)]({confusion})"]
+    return lines
+
+
 def _responses_section(test: Mapping[str, Any], examples: Sequence[Mapping[str, Any]]) -> list[str]:
     words = lambda key: sum(len(str(e[key]).split()) for e in examples) / max(len(examples), 1)  # noqa: E731
     lines = [
@@ -128,8 +145,8 @@ def _responses_section(test: Mapping[str, Any], examples: Sequence[Mapping[str, 
 
 
 def _judge_section(judge: str | None, judged: Mapping[str, Any], examples: Sequence[Mapping[str, Any]],
-                   scores: str | os.PathLike[str]) -> list[str]:  # fmt: skip
-    options = ", ".join(f"{k} {v}" for k, v in OPTIONS.items())
+                   scores: str | os.PathLike[str], judge_options: Mapping[str, Any]) -> list[str]:  # fmt: skip
+    options = ", ".join(f"{k} {v}" for k, v in judge_options.items())
     lines = [
         "",
         "## Judge",

@@ -3,7 +3,8 @@
 `run_sample_to_parquet` reads the tokenize stage's tables and writes:
 
   <out>/pretrain/{train,val}.parquet     sliding windows of max_length + 1 tokens (column `window`)
-  <out>/spam/{train,val,test}.parquet    balanced, shuffled 70/10/20 split of the spam table
+  <out>/cls/{train,val,test}.parquet     the labelled texts: the book's balanced, shuffled 70/10/20 split of the
+                                         SMS data, or as `sample.balance`/`stratify` say (given splits kept)
   <out>/instruct/{train,val,test}.parquet file-order 85/10/5 split (train/test/val) of the instructions
 
 and windows and rows per split to the metrics file.
@@ -17,7 +18,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from scratchgpt.data.corpus import read_tokens
-from scratchgpt.data.datasets import SampleParams, split_instructions, split_spam, write_pretrain_windows, write_splits
+from scratchgpt.data.datasets import (
+    SampleParams,
+    read_label_info,
+    split_instructions,
+    write_pretrain_windows,
+    write_splits,
+)
+from scratchgpt.data.labelled import split_labelled
 from scratchgpt.plumbing.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -28,9 +36,9 @@ def run_sample_to_parquet(p: SampleParams, in_dir: str | Path, out_dir: str | Pa
     src, out = Path(in_dir), Path(out_dir)
     log.info("params: %s", p)
     tokens = read_tokens(src / "pretrain_tokens.parquet")
-    spam = split_spam(
-        pq.read_table(src / "spam.parquet"), seed=p.seed, train_ratio=p.spam_train_ratio, val_ratio=p.spam_val_ratio
-    )
+    labelled = pq.read_table(src / "cls.parquet")
+    cls = split_labelled(labelled, seed=p.seed, train_ratio=p.cls_train_ratio, val_ratio=p.cls_val_ratio,
+                         balance=p.balance, stratify=p.stratify)  # fmt: skip
     instruct = split_instructions(
         pq.read_table(src / "instruct.parquet"),
         train_ratio=p.instruct_train_ratio,
@@ -42,7 +50,7 @@ def run_sample_to_parquet(p: SampleParams, in_dir: str | Path, out_dir: str | Pa
     )
     metrics = {
         "pretrain": {**pretrain, "max_length": p.max_length, "stride": p.stride},
-        "spam": write_splits(spam, out / "spam"),
+        read_label_info(labelled).dataset: write_splits(cls, out / "cls"),
         "instruct": write_splits(instruct, out / "instruct"),
     }
     write_json(metrics_path, metrics)

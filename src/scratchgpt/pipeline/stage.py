@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from typing import Any
 from scratchgpt.data.datasets import DatasetError
 from scratchgpt.nn import checkpoint
 from scratchgpt.plumbing import fileio, plots
-from scratchgpt.plumbing.params import parse_yaml
+from scratchgpt.plumbing.params import flatten, parse_yaml
 from scratchgpt.train.state import CONFIG_FILE
 from scratchgpt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
 DVC_FILE = "dvc.yaml"
+_MLFLOW_UNSAFE = re.compile(r"[^\w\-. :/]")
 
 
 class StageError(RuntimeError):
@@ -136,6 +138,11 @@ def method_label(method: str, lora_rank: int) -> str:
     return f"lora r{lora_rank}" if method == "lora" else method
 
 
+def mlflow_key(name: str) -> str:
+    """`name` with every character MLflow refuses in a metric name (e.g. from a class name) as `_`."""
+    return _MLFLOW_UNSAFE.sub("_", name)
+
+
 def time_metrics(result: TrainResult) -> dict[str, float]:
     """What a training stage's time metrics mean, in their names.
 
@@ -168,9 +175,10 @@ def finish_run(
     metrics_path: Path,
     artifacts: Iterable[Path],
 ) -> None:
-    """Write `metrics` as the stage's DVC metrics and log them, the artifacts and config.json."""
+    """Write `metrics` as the stage's DVC metrics and log them (nested sections as dotted keys), the artifacts
+    and config.json."""
     fileio.write_json(metrics_path, dict(metrics))
-    run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result.step)
+    run.log_metrics({mlflow_key(f"final_{k}"): v for k, v in flatten(dict(metrics)).items()}, step=result.step)
     paths = [*artifacts, metrics_path]
     if trainer.out_dir is not None:
         paths.append(trainer.out_dir / CONFIG_FILE)

@@ -233,13 +233,18 @@ def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]], labels: Sequence[str], path_png: str | os.PathLike[str], *,
     title: str | None = None, dpi: int = 150,
 ) -> Path:
-    """scikit-learn's confusion-matrix figure (rows: true label, columns: predicted), written atomically."""
+    """scikit-learn's confusion-matrix figure (rows: true label, columns: predicted), written atomically; it
+    grows with the number of classes, and long class names are slanted."""
     import numpy as np
     from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
 
     path = Path(path_png)
-    fig = Figure(figsize=(3.6, 3.2))
+    n = len(labels)
+    fig = Figure(figsize=(3.6, 3.2) if n <= 2 else (1.8 + 0.7 * n, 1.5 + 0.7 * n))
     ax = fig.subplots()
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(ax=ax, colorbar=False, cmap="Blues")
+    slant = 45 if n > 2 and max(len(str(label)) for label in labels) > 6 else "horizontal"
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(
+        ax=ax, colorbar=False, cmap="Blues", xticks_rotation=slant
+    )
     return _save(fig, ax, path, title, dpi)

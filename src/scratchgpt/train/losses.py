@@ -1,7 +1,7 @@
 """Loss functions for the trainer: a batch's mean loss, and how many units that mean runs over.
 
 A loss function is called as `loss_fn(model, batch) -> scalar tensor` (the mean over the batch's units)
-and says what it averages over with `loss_fn.units(batch) -> int`: the target tokens that count for a
+and says what it averages over with `loss_fn.units(batch) -> float`: the target tokens that count for a
 language model (those not set to -100), the examples for a classifier. The trainer weighs each
 micro-batch's mean by its units over the whole optimizer step's (every micro-batch, every process),
 so a step minimises one mean over every unit it saw, whatever the batch size, accumulation or world
@@ -28,7 +28,7 @@ class LossFn(Protocol):
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor: ...
 
-    def units(self, batch: Any) -> int: ...
+    def units(self, batch: Any) -> float: ...
 
 
 MetricFn = Callable[[nn.Module, Any], Tensor]
@@ -40,7 +40,7 @@ class Loss:
     """A `LossFn` made of `mean(model, batch)` and `units(batch)`, the number of units that mean runs over."""
 
     mean: Callable[[nn.Module, Any], Tensor]
-    units: Callable[[Any], int]
+    units: Callable[[Any], float]
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
         return self.mean(model, batch)
@@ -90,14 +90,24 @@ def labelled_examples(batch: Any) -> int:
     return len(batch[2])
 
 
-def classification_loss(pool: str) -> Loss:
-    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`), averaged
-    over the examples."""
+def classification_loss(pool: str, weight: Tensor | None = None) -> Loss:
+    """Cross-entropy of the pooled class logits against the labels (float32, as `lm_loss`); `weight`: one
+    per class (e.g. inverse class frequencies for imbalanced data), torch's weighted mean, whose units are
+    the batch's label weights summed (so accumulation and evaluation weigh each example as torch does)."""
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
-        return F.cross_entropy(classification_logits(model, batch, pool).float(), batch[2])
+        logits = classification_logits(model, batch, pool).float()
+        w = weight.to(logits.device) if weight is not None else None
+        return F.cross_entropy(logits, batch[2], weight=w)
 
-    return Loss(loss, labelled_examples)
+    if weight is None:
+        return Loss(loss, labelled_examples)
+    cpu_weight = weight.detach().double().cpu()
+
+    def label_weights(batch: Any) -> float:
+        return float(cpu_weight[torch.as_tensor(batch[2]).cpu()].sum())
+
+    return Loss(loss, label_weights)
 
 
 def classification_accuracy(pool: str) -> Callable[[nn.Module, Any], Tensor]:

@@ -499,13 +499,14 @@ class Trainer:
         self._train_time += time.perf_counter() - t0
         return mean_loss
 
-    def _step_counts(self, batches: list[Any], units: list[int]) -> tuple[int, int, int]:
+    def _step_counts(self, batches: list[Any], units: list[float]) -> tuple[float, int, int]:
         """Loss units, tokens and examples of one optimizer step's micro-batches, summed over the processes."""
         tokens = sum(self.tokens_fn(batch) for batch in batches)
         examples = sum(first_tensor(batch).shape[0] for batch in batches)
         where = self.device if self.dist.enabled else torch.device("cpu")  # NCCL reduces device tensors
-        counts = torch.tensor([sum(units), tokens, examples], dtype=torch.long, device=where)
+        counts = torch.tensor([sum(units), tokens, examples], dtype=torch.float64, device=where)
         total_units, tokens, examples = distributed.all_reduce_sum(counts, self.dist).tolist()
+        tokens, examples = round(tokens), round(examples)
         if total_units == 0:
             self._stop(f"nothing to learn: every target of the step's {examples} examples is ignored (-100)")
         return total_units, tokens, examples
