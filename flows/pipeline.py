@@ -13,9 +13,10 @@ a rerun of a training stage resumes from its checkpoint (`resume: auto`).
 Overrides (`--set`, and `--device`/`--precision`/`--nproc`, which set every `*.device`, `*.precision`,
 `*.nproc` key of params.yaml) are checked against params.yaml before any stage runs. Overrides that
 change a value are written into params.yaml as `dvc exp run -S` writes them, the stages run, and the
-workspace is saved as a DVC experiment (`dvc exp save`, shown by `dvc exp show`); then params.yaml is
-put back (after a crash, by the next run), so every run starts from the same params. Without overrides
-the run is a plain `dvc repro`.
+workspace is saved as a DVC experiment (`dvc exp save`, shown by `dvc exp show`; `dvc exp apply NAME`
+brings it into the workspace); then params.yaml, dvc.lock and the stages' outputs are put back as they
+were (after a crash, by the next run), so the workspace stays the baseline's. Without overrides the run
+is a plain `dvc repro`.
 
 The flow opens an MLflow parent run (tags: Prefect flow-run id, git commit, preset, DVC experiment)
 under which the stages' runs nest, and ends with a markdown artifact `pipeline-summary`: each stage's
@@ -43,7 +44,6 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
@@ -70,15 +70,13 @@ from prefect.utilities.urls import url_for  # noqa: E402
 
 from scratchgpt import orchestration as orch  # noqa: E402
 from scratchgpt.plumbing import tracking  # noqa: E402
-from scratchgpt.plumbing.params import ParamsError, flatten, read_params  # noqa: E402
-from scratchgpt.presets import load_preset  # noqa: E402
+from scratchgpt.plumbing.params import ParamsError, read_params  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # `download` retries with backoff (the network; its downloader also retries each file). Nothing else
 # retries: the other stages are deterministic, and a rerun of a training stage resumes its checkpoint.
 RETRIES = {"download": 3}
 RETRY_BACKOFF_S = 10
-STOP_GRACE_S = 5.0  # how long a stopped stage gets before the next, harder signal
 ENV_FALLBACKS = {"device": "SCRATCHGPT_DEVICE", "precision": "SCRATCHGPT_PRECISION", "nproc": "SCRATCHGPT_NPROC"}
 SUMMARY_KEY = "pipeline-summary"
 
@@ -88,13 +86,13 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: str, returncode: int, tail: list[str], wall_time_s: float) -> None:
         super().__init__(f"stage '{stage}' failed (`dvc repro --single-item {stage}` exited with {returncode}): "
-                         f"{_error_line(tail)}")  # fmt: skip
+                         f"{error_line(tail)}")  # fmt: skip
         self.stage = stage
         self.returncode = returncode
         self.wall_time_s = wall_time_s
 
 
-def _error_line(lines: list[str]) -> str:
+def error_line(lines: list[str]) -> str:
     """The most telling line of a failed stage's output: the stage's own logged error (`... ERROR msg`),
     else the last line of a traceback, else DVC's `ERROR: ...`, else the last line."""
     lines = [line.strip() for line in lines if line.strip()]
@@ -118,50 +116,20 @@ def run_stage(stage: str, root: str, tracking_env: dict[str, str], pull: bool = 
     cmd = ["dvc", "repro", "--single-item", stage, *(["--pull"] if pull else [])]
     logger.info("$ %s", " ".join(cmd))
     start = time.monotonic()
-    tail: collections.deque[str] = collections.deque(maxlen=60)
     seen: list[str] = []  # the lines DVC's verdict is read from
-    proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(tracking_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            for line in raw.rstrip("\n").split("\r"):  # progress bars redraw with \r
-                if not line.strip():
-                    continue
-                logger.info("%s", line)
-                tail.append(line)
-                if stage in line and ("stage" in line.lower() or "Pulling data" in line):
-                    seen.append(line)
-        returncode = proc.wait()
-    finally:
-        if proc.poll() is None:  # the flow is being stopped: stop the stage too
-            _stop_process_tree(proc.pid)
-            proc.wait()
+
+    def on_line(line: str) -> None:
+        logger.info("%s", line)
+        if stage in line and ("stage" in line.lower() or "Pulling data" in line):
+            seen.append(line)
+
+    returncode, tail = orch.stream_command(cmd, root, stage_env(tracking_env), on_line)
     wall = time.monotonic() - start
     if returncode != 0:
-        raise StageFailed(stage, returncode, list(tail), wall)
+        raise StageFailed(stage, returncode, tail, wall)
     state = orch.stage_outcome(stage, "\n".join(seen))
     logger.info("stage %s: %s in %.1f s", stage, state, wall)
     return {"stage": stage, "state": state, "wall_time_s": wall}
-
-
-def _stop_process_tree(pid: int) -> None:
-    """Stop `dvc` and everything under it: SIGINT first (the stage sees Ctrl-C and ends its MLflow run
-    KILLED; DVC ignores it while a stage runs), then SIGTERM, then SIGKILL, STOP_GRACE_S apart."""
-    import psutil  # a dependency of DVC
-
-    try:
-        root = psutil.Process(pid)
-        alive = [*root.children(recursive=True), root]  # the stage's processes before DVC
-    except psutil.NoSuchProcess:
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(sig)
-        _, alive = psutil.wait_procs(alive, timeout=STOP_GRACE_S)
-        if not alive:
-            return
 
 
 @task(cache_policy=NO_CACHE, retries=0)
@@ -175,7 +143,7 @@ def save_experiment(root: str, name: str, stages: list[str], push: bool = False)
         commands.append(["dvc", "exp", "push", "--force", "origin", name])
     for cmd in commands:
         logger.info("$ %s", " ".join(cmd))
-        proc = subprocess.run(cmd, cwd=root, env=_stage_env({}), capture_output=True, text=True, timeout=3600)
+        proc = subprocess.run(cmd, cwd=root, env=stage_env({}), capture_output=True, text=True, timeout=3600)
         for line in (proc.stdout + proc.stderr).splitlines():
             if line.strip():
                 logger.info("%s", line)
@@ -201,6 +169,7 @@ def pipeline(
     push: bool = False,
     lock_timeout: float = 600.0,
     project_dir: str | None = None,
+    mlflow_tags: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the DVC pipeline, or `stages` and what they depend on.
 
@@ -213,14 +182,18 @@ def pipeline(
     --pull` (unchanged stages take their outputs from the DVC remote). push: save the run as a DVC
     experiment even without overrides and `dvc exp push origin` it. lock_timeout: seconds to wait for
     another flow run on this checkout. project_dir: the checkout (default: the one holding this file).
+    mlflow_tags: more tags of the MLflow parent run (a sweep tags its members with it).
+
+    With overrides the run is a DVC experiment, and the workspace stays the baseline's: params.yaml, dvc.lock
+    and the outputs are put back when the run ends (`orchestration.baseline_kept`).
     """
     logger = get_run_logger()
     root = Path(project_dir or PROJECT_DIR).resolve()
-    hardware = _hardware(device, precision, nproc)
+    hardware = hardware_params(device, precision, nproc)
     selected = orch.select_stages(orch.read_stages(root), stages)
-    requested = _requested(root, preset, hardware, overrides)
+    requested = orch.requested_overrides(root, preset, hardware, overrides)
     orch.resolve_overrides(read_params(root / "params.yaml"), requested)  # refuse bad overrides before waiting
-    tracking.check_store(_tracking_uri(root))  # an unreachable store fails the run before any task
+    tracking.check_store(tracking_uri_of(root))  # an unreachable store fails the run before any task
 
     flow_run_name = runtime_flow_run.name or "local"
     holder = {"flow_run": flow_run_name, "flow_run_id": str(runtime_flow_run.id or ""),
@@ -234,15 +207,21 @@ def pipeline(
         if orch.restore_params(root):
             logger.warning("restored params.yaml from %s: a run was killed with its overrides applied",
                            orch.PARAMS_BACKUP)  # fmt: skip
+        if orch.restore_baseline(root, stage_env({})):
+            logger.warning("restored dvc.lock and the outputs from %s: a run with overrides was killed",
+                           orch.BASELINE_DIR)  # fmt: skip
         params = read_params(root / "params.yaml")
         changes = orch.resolve_overrides(params, requested)
         experiment = (exp_name or f"prefect-{flow_run_name}") if (changes or push) else None
         if changes:
-            logger.info("overrides (params.yaml is restored when the run ends): %s",
+            logger.info("overrides, saved as DVC experiment %s; params.yaml, dvc.lock and the outputs are put back "
+                        "when the run ends (`dvc exp apply %s` brings its results in): %s", experiment, experiment,
                         " ".join(orch.dvc_set_args(changes)))  # fmt: skip
-        with orch.overrides_applied(root, changes):
+        kept = orch.baseline_kept(root, selected) if changes else contextlib.nullcontext()
+        with kept, orch.overrides_applied(root, changes):
             params = read_params(root / "params.yaml")
-            return _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push)
+            return _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push,
+                                 mlflow_tags or {})  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -254,14 +233,7 @@ def _logged_lock(logger, root: Path):
         logger.info("releasing the checkout lock")
 
 
-def _requested(root: Path, preset: str | None, hardware: dict[str, Any], overrides: dict[str, Any] | None):
-    """All overrides asked for, flat: the preset's, then the hardware's, then the explicit ones (later wins)."""
-    params = read_params(root / "params.yaml")
-    from_preset = flatten(load_preset(preset, root / "presets")) if preset else {}
-    return {**from_preset, **orch.hardware_overrides(params, **hardware), **(overrides or {})}
-
-
-def _hardware(device: str | None, precision: str | None, nproc: int | None) -> dict[str, Any]:
+def hardware_params(device: str | None, precision: str | None, nproc: int | None) -> dict[str, Any]:
     values: dict[str, Any] = {"device": device, "precision": precision, "nproc": nproc}
     for name, env in ENV_FALLBACKS.items():
         if values[name] is None and os.environ.get(env, "").strip():
@@ -273,16 +245,19 @@ def _hardware(device: str | None, precision: str | None, nproc: int | None) -> d
     return values
 
 
-def _run_pipeline(root, selected, params, changes, preset, hardware, experiment, pull, push) -> list[dict[str, Any]]:
+def _run_pipeline(
+    root, selected, params, changes, preset, hardware, experiment, pull, push, mlflow_tags
+) -> list[dict[str, Any]]:
     logger = get_run_logger()
     git = tracking.git_info(root)
     tags = {
         "prefect_flow_run_id": str(runtime_flow_run.id or ""),
         "prefect_flow_run_name": runtime_flow_run.name or "",
-        "prefect_flow_run_url": _flow_run_url(),
+        "prefect_flow_run_url": flow_run_url(),
         "prefect_deployment": runtime_deployment.name or "",
         "dvc_exp_name": experiment or "",
         **git,
+        **mlflow_tags,
     }
     if "git_commit" in git:
         tags["mlflow.source.git.commit"] = git["git_commit"]
@@ -294,7 +269,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
         "push": push,
         "override": {k: orch.yaml_value(v) for k, v in changes.items()},
     }
-    uri = _tracking_uri(root)
+    uri = tracking_uri_of(root)
     results: list[dict[str, Any]] = []
     failure: Exception | None = None
     with tracking.pipeline_run(
@@ -339,7 +314,7 @@ def _run_pipeline(root, selected, params, changes, preset, hardware, experiment,
     return results
 
 
-def _tracking_uri(root: Path) -> str:
+def tracking_uri_of(root: Path) -> str:
     """$MLFLOW_TRACKING_URI, else the checkout's own store (the flow may run elsewhere)."""
     uri = os.environ.get(tracking.ENV_TRACKING_URI) and tracking.tracking_uri()
     return uri or f"sqlite:///{root / tracking.DB_NAME}"
@@ -353,7 +328,7 @@ def _finished(state: State) -> PrefectFuture:
     return PrefectConcurrentFuture(state.state_details.task_run_id, future)
 
 
-def _flow_run_url() -> str:
+def flow_run_url() -> str:
     """This flow run's page in the Prefect UI; "" on a temporary server (no UI URL: it is gone after the run)."""
     if runtime_flow_run.id is None:
         return ""
@@ -366,7 +341,7 @@ def _stage_tags(tags: dict[str, str]) -> dict[str, str]:
     return {tracking.ENV_RUN_TAGS: json.dumps(prefect)} if prefect else {}
 
 
-def _stage_env(tracking_env: dict[str, str]) -> dict[str, str]:
+def stage_env(tracking_env: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)
     env.update(tracking_env)
@@ -385,16 +360,16 @@ def _report(root, selected, results, run, experiment, changes, failure) -> None:
             r["metrics"] = orch.headline_metrics(root, by_name[r["stage"]])
         if r["state"] in (orch.RAN, orch.FAILED) and r["stage"] in children:
             r["mlflow_run_id"] = children[r["stage"]]
-            r["mlflow_run_url"] = _mlflow_url(run, children[r["stage"]])
+            r["mlflow_run_url"] = mlflow_url(run, children[r["stage"]])
     info = {
         "status": "FAILED" if failure else "COMPLETED",
         "error": str(failure) if failure else None,
         "project": str(root),
         "DVC experiment": experiment,
         "overrides": " ".join(orch.dvc_set_args(changes)) or None,
-        "MLflow parent run": orch.md_link(run.run_id, _mlflow_url(run, run.run_id)),
+        "MLflow parent run": orch.md_link(run.run_id, mlflow_url(run, run.run_id)),
     }
-    if view := _mlflow_url(run, None):
+    if view := mlflow_url(run, None):
         info["MLflow runs"] = orch.md_link(tracking.RUNS_VIEW_NAME, view)
     markdown = orch.summary_markdown(results, info)
     create_markdown_artifact(markdown=markdown, key=SUMMARY_KEY, description="Stages, states, times, metrics")
@@ -404,7 +379,7 @@ def _report(root, selected, results, run, experiment, changes, failure) -> None:
         run.set_tags({"skipped_stages": ",".join(r["stage"] for r in results if r["state"] == orch.SKIPPED)})
 
 
-def _mlflow_url(run: tracking.StageRun, run_id: str | None) -> str | None:
+def mlflow_url(run: tracking.StageRun, run_id: str | None) -> str | None:
     """The MLflow UI's page of run `run_id` (None: the experiment's runs in the saved view), when the store is
     a tracking server."""
     if not run.enabled:
@@ -436,7 +411,7 @@ def _child_runs(run: tracking.StageRun) -> dict[str, str]:
 # Command line
 
 
-def _boot_temporary_server() -> threading.Thread | None:
+def boot_temporary_server() -> threading.Thread | None:
     """Start the temporary Prefect server a flow call would start (none when PREFECT_API_URL is set), in a
     thread, so its boot (4-10 s) overlaps this process's imports and checks instead of following them.
 
@@ -481,15 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, systemd, a worker cancelling): Prefect turns it into an exception that stops the stage
     # (see run_stage), then re-delivers it to this handler, which exits through atexit, so the temporary
     # server is stopped too instead of being left behind.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = _boot_temporary_server()  # boots in its own process while this one checks the arguments
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    server = boot_temporary_server()  # boots in its own process while this one checks the arguments
     try:  # bad stages or overrides: exit before any flow run exists
         overrides = orch.parse_assignments(args.overrides)
         root = Path(args.project).resolve()
         orch.select_stages(orch.read_stages(root), args.stages)
-        hardware = _hardware(args.device, args.precision, args.nproc)
-        orch.resolve_overrides(read_params(root / "params.yaml"), _requested(root, args.preset, hardware, overrides))
-        tracking.check_store(_tracking_uri(root))
+        hardware = hardware_params(args.device, args.precision, args.nproc)
+        requested = orch.requested_overrides(root, args.preset, hardware, overrides)
+        orch.resolve_overrides(read_params(root / "params.yaml"), requested)
+        tracking.check_store(tracking_uri_of(root))
     except (ParamsError, orch.PipelineError, tracking.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -507,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_on_sigterm(signum, frame) -> None:
+def exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 

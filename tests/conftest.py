@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import free_port, stop_group, wait_healthy, write_tiny_params
+from helpers import Server, free_port, stop_group, wait_healthy, write_tiny_params
 
 from scratchgpt.data.sources import SOURCES
 
@@ -168,3 +168,22 @@ def tiny_pipeline(
     project.run("git", "add", "-A")
     project.run("git", "commit", "-q", "-m", "tiny pipeline reproduced")
     return project
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[Server]:
+    """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME, healthy within 120 s."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    url = f"http://127.0.0.1:{port}/api"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_healthy(proc, f"{url}/health", home / "server.log", timeout=120)
+        yield Server(url, home, {**env, "PREFECT_API_URL": url})
+    finally:
+        stop_group(proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -133,3 +134,28 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
                 return
         assert time.monotonic() < deadline, f"{url} not healthy in {timeout} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.3)
+
+
+@dataclasses.dataclass
+class Server:
+    """A running `prefect server start` (conftest's `prefect_server`)."""
+
+    url: str
+    home: Path
+    env: dict[str, str]  # what a Prefect client process needs to talk to it
+
+
+@contextlib.contextmanager
+def prefect_settings(server: Server):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_HOME: str(server.home)}):
+        yield
+
+
+@contextlib.contextmanager
+def prefect_client(server: Server):
+    from prefect.client.orchestration import get_client
+
+    with prefect_settings(server), get_client(sync_client=True) as client:
+        yield client

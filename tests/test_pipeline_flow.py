@@ -21,7 +21,7 @@ from types import ModuleType
 
 import pytest
 import yaml
-from helpers import free_port, stop_group, wait_healthy, write_tiny_params
+from helpers import Server, free_port, prefect_client, prefect_settings, stop_group, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -42,47 +42,6 @@ DAG = {"download": [], "tokenize": ["download"], "sample-to-parquet": ["tokenize
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    url: str
-    home: Path
-    env: dict[str, str]  # what a Prefect client process needs to talk to it
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Server:
-    """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME, healthy within 120 s."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    url = f"http://127.0.0.1:{port}/api"
-    with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        wait_healthy(proc, f"{url}/health", home / "server.log", timeout=120)
-        yield Server(url, home, {**env, "PREFECT_API_URL": url})
-    finally:
-        stop_group(proc)
-
-
-@contextlib.contextmanager
-def prefect_settings(server: Server):
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_HOME: str(server.home)}):
-        yield
-
-
-@contextlib.contextmanager
-def prefect_client(server: Server):
-    from prefect.client.orchestration import get_client
-
-    with prefect_settings(server), get_client(sync_client=True) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -372,8 +331,9 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     """Deploy `cpu` from prefect.yaml, trigger two runs at once (the second's last stage fails), let one
     `prefect worker start --run-once` run both; the checkout lock makes them take turns."""
     assert first_run[0].is_completed()
+    before = workspace(project)
     project.run(PREFECT, "work-pool", "create", "cpu", "--type", "process", timeout=120)
-    deployed = project.run(PREFECT, "--no-prompt", "deploy", "--name", "cpu", timeout=120)
+    deployed = project.run(PREFECT, "--no-prompt", "deploy", "--name", "pipeline/cpu", timeout=120)
     assert "pipeline/cpu" in deployed.stdout, deployed.stdout[-2000:]
     # good: a DVC experiment (a preset, and an override that wins over it) that retrains the classifier as two
     # torchrun processes, with a job variable merged into the deployment's. bad: texts longer than the context.
@@ -435,13 +395,23 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     assert task_graph(prefect_server, good, {*DAG, "save-experiment"}) == {**DAG, "save-experiment": ["evaluate"]}
     assert parent_of(project, bad)[0].info.status == "FAILED"
 
-    # DVC: the good run is an experiment; params.yaml is as committed again; the outputs are there
+    # DVC: the good run is an experiment with its own classifier metrics, and the workspace is the baseline's
+    # again after both runs: params.yaml, dvc.lock, the metrics and models, `dvc status`
     experiment = parent.data.tags["dvc_exp_name"]
-    shown = project.run("dvc", "exp", "show", "--json").stdout
-    assert experiment in shown
-    assert project.run("git", "status", "--porcelain", "params.yaml").stdout == ""
-    for path in ("models/pretrain/model.safetensors", "models/base/model.safetensors", "metrics/pretrain.json"):
-        assert (project.root / path).is_file(), path
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    exps = {e["name"]: e["revs"][0]["data"] for b in shown for e in b.get("experiments") or []}
+    assert exps[experiment]["metrics"]["metrics/cls.json"]["data"] != json.loads(before["cls"])
+    assert workspace(project) == before
+
+
+def workspace(project: Project) -> dict:
+    """What a flow run with overrides must leave as it found it."""
+    root = project.root
+    return {"git": project.run("git", "status", "--porcelain").stdout,
+            "dvc": json.loads(project.run("dvc", "status", "--json").stdout),
+            **{p: (root / p).read_text() for p in ("params.yaml", "dvc.lock")},
+            "cls": (root / "metrics" / "cls.json").read_text(),
+            "models": {p.name: p.stat().st_size for p in (root / "models").rglob("*") if p.is_file()}}  # fmt: skip
 
 
 # --- killed mid-pretrain, run again -----------------------------------------------------------------

@@ -459,6 +459,8 @@ def compare(
     out: str | os.PathLike[str] = DEFAULT_OUT,
     tracking_uri: str | None = None,
     log_run: bool = True,
+    tags: dict[str, str] | None = None,
+    entries: Sequence[Entry] | None = None,
 ) -> Comparison:
     """Select runs (parent run ids, else DVC experiment names, else the whole experiment), build the
     table and plots into `out` (replaced as a whole), and log them to a comparison run (`log_run`).
@@ -478,7 +480,12 @@ def compare(
     client = MlflowClient(tracking_uri=uri)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if parents:
+    if entries is not None:
+        if not entries:
+            raise CompareError("no entries to compare")
+        entries = list(entries)
+        experiment = client.get_experiment(entries[0].runs[0].info.experiment_id).name
+    elif parents:
         entries = select_parents(client, parents, uri)
         experiment = client.get_experiment(entries[0].parent.info.experiment_id).name
     elif dvc_exps:
@@ -496,7 +503,7 @@ def compare(
     timings["write_s"] = time.perf_counter() - t2
     if log_run:
         t3 = time.perf_counter()
-        comparison.run_id = _log(comparison, out_dir, experiment, uri, parents=parents, dvc_exps=dvc_exps)
+        comparison.run_id = _log(comparison, out_dir, experiment, uri, tags or {}, parents=parents, dvc_exps=dvc_exps)
         timings["log_s"] = time.perf_counter() - t3
     comparison.timings = timings
     return comparison
@@ -530,11 +537,13 @@ def _markdown_report(comparison: Comparison) -> str:
     ])  # fmt: skip
 
 
-def _log(comparison: Comparison, out_dir: Path, experiment: str, uri: str, **selection: Any) -> str | None:
+def _log(
+    comparison: Comparison, out_dir: Path, experiment: str, uri: str, extra_tags: dict[str, str], **selection: Any
+) -> str | None:
     chosen = {k: ",".join(v) for k, v in selection.items() if v} or {"experiment": experiment}
     ids = " ".join(r.info.run_id for e in comparison.entries for r in e.runs)
     name = f"comparison of {len(comparison.entries)}"
-    tags = {"compared_runs": ids}
+    tags = {**extra_tags, "compared_runs": ids}
     with tracking.comparison_run(name, {"compare": chosen}, experiment=experiment, tags=tags, tracking_uri=uri) as run:
         run.log_metrics({"entries": len(comparison.entries)})
         run.log_artifact(out_dir)

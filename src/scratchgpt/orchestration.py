@@ -1,6 +1,8 @@
-"""What the Prefect flow (`flows/pipeline.py`) needs besides Prefect: the pipeline's stages in order,
-read from `dvc.yaml`; run-time overrides of `params.yaml`, checked before anything runs; the checkout
-lock; DVC's verdict on a stage, read from its output; the stages' headline metrics and the run summary.
+"""What the Prefect flows (`flows/pipeline.py`, `flows/sweep.py`) need besides Prefect: the pipeline's
+stages in order, read from `dvc.yaml`; run-time overrides of `params.yaml`, checked before anything runs;
+the checkout lock; the workspace kept as it was around a run with overrides; commands streamed line by
+line and stopped with everything under them; DVC's verdict on a stage, read from its output; the stages'
+headline metrics and the run summary.
 
 Kept free of Prefect (cheap to import, tested on its own). No stage imports it.
 """
@@ -14,6 +16,9 @@ import fcntl
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,11 +27,15 @@ from typing import Any
 import yaml
 
 from scratchgpt.plumbing.params import ParamsError, flatten, from_dict, parse_yaml, read_params
-from scratchgpt.presets import apply_preset, validate, yaml_value
+from scratchgpt.presets import apply_preset, load_preset, validate, yaml_value
 
 LOCK_FILE = Path(".dvc") / "tmp" / "scratchgpt-pipeline.lock"
 # params.yaml as it was before a flow run wrote its overrides into it (restored when the run ends).
 PARAMS_BACKUP = Path(".dvc") / "tmp" / "scratchgpt-pipeline.params.yaml"
+# dvc.lock and the uncached outputs as they were before a run with overrides (restored when it ends).
+BASELINE_DIR = Path(".dvc") / "tmp" / "scratchgpt-pipeline.baseline"
+STOP_GRACE_S = 5.0  # how long a stopped command gets before the next, harder signal
+TAIL_LINES = 60  # the last lines of a command's output kept for its error message
 # Flow parameters that set every params.yaml key of that name (e.g. `pretrain.train.device`,
 # `load_gpt2.device`, `cls.train.device`), so a new stage's section needs no flow change.
 HARDWARE_KEYS = ("device", "precision", "nproc")
@@ -61,6 +70,8 @@ class Stage:
     outs: tuple[str, ...]
     """Every output path: `outs`, `metrics` and `plots` entries."""
     metrics: tuple[str, ...]
+    uncached: tuple[str, ...] = ()
+    """The outputs with `cache: false` (metrics, plots): git keeps them, DVC's cache does not."""
 
 
 def read_stages(root: str | os.PathLike[str]) -> list[Stage]:
@@ -76,7 +87,9 @@ def read_stages(root: str | os.PathLike[str]) -> list[Stage]:
         if "foreach" in body or "matrix" in body:
             raise PipelineError(f"{path}: stage {name!r} uses foreach/matrix, which the flow does not expand")
         cmd = body.get("cmd", "")
-        outs = [_entry_path(e) for key in ("outs", "metrics", "plots") for e in body.get(key) or []]
+        entries = [e for key in ("outs", "metrics", "plots") for e in body.get(key) or []]
+        outs = [_entry_path(e) for e in entries]
+        uncached = [_entry_path(e) for e in entries if isinstance(e, Mapping) and _uncached(e)]
         stages.append(
             Stage(
                 name=name,
@@ -84,6 +97,7 @@ def read_stages(root: str | os.PathLike[str]) -> list[Stage]:
                 deps=tuple(_entry_path(e) for e in body.get("deps") or []),
                 outs=tuple(outs),
                 metrics=tuple(_entry_path(e) for e in body.get("metrics") or []),
+                uncached=tuple(uncached),
             )
         )
     return _in_order(stages, path)
@@ -93,6 +107,11 @@ def _entry_path(entry: str | Mapping[str, Any]) -> str:
     if isinstance(entry, Mapping):
         (entry,) = entry.keys()
     return os.path.normpath(str(entry))
+
+
+def _uncached(entry: Mapping[str, Any]) -> bool:
+    ((_, options),) = entry.items()
+    return isinstance(options, Mapping) and options.get("cache") is False
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -301,6 +320,90 @@ def restore_params(root: str | os.PathLike[str]) -> bool:
     return True
 
 
+def requested_overrides(
+    root: str | os.PathLike[str], preset: str | None, hardware: Mapping[str, Any], overrides: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """All overrides asked for, flat: presets/<preset>.yaml's, then `hardware_overrides(**hardware)`, then the
+    explicit ones (later wins). Check them with `resolve_overrides`."""
+    params = read_params(Path(root) / "params.yaml")
+    from_preset = flatten(load_preset(preset, Path(root) / "presets")) if preset else {}
+    return {**from_preset, **hardware_overrides(params, **hardware), **(overrides or {})}
+
+
+@contextlib.contextmanager
+def baseline_kept(root: str | os.PathLike[str], stages: Iterable[Stage]) -> Iterator[None]:
+    """The workspace as it was before the block, after it: dvc.lock, and every output of `stages`.
+
+    For a run with overrides, saved as a DVC experiment in the block: its results are the experiment's
+    (`dvc exp apply NAME` brings them in), not the workspace's. Before the block, dvc.lock and the stages'
+    uncached outputs (metrics, plots) are copied to `.dvc/tmp/scratchgpt-pipeline.baseline/`, with a note of
+    which outputs existed; afterwards they are put back, `dvc checkout --force` brings the cached outputs back
+    to the hashes of the restored dvc.lock (from DVC's cache), and outputs that did not exist are removed.
+    Should this process be killed, the next run restores it (`restore_baseline`). Hold the checkout lock.
+    """
+    base, rootp = Path(root) / BASELINE_DIR, Path(root)
+    stages = list(stages)
+    if base.exists():
+        shutil.rmtree(base)
+    tmp = base.with_name(base.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = ["dvc.lock", *(o for s in stages for o in s.uncached)]
+    for rel in files:
+        if (rootp / rel).exists():
+            _copy(rootp / rel, tmp / "files" / rel)
+    manifest = {"files": files, "outs": [o for s in stages for o in s.outs], "stages": [s.name for s in stages],
+                "existed": [o for s in stages for o in ("dvc.lock", *s.outs) if (rootp / o).exists()]}  # fmt: skip
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    os.replace(tmp, base)
+    try:
+        yield
+    finally:
+        restore_baseline(root)
+
+
+def restore_baseline(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> bool:
+    """Put back what `baseline_kept` saved, if anything (a run that was killed with it pending); True if it did.
+
+    Raises RuntimeError naming what could not be restored (e.g. a cached output no longer in DVC's cache)."""
+    base, rootp = Path(root) / BASELINE_DIR, Path(root)
+    if not (base / "manifest.json").is_file():
+        return False
+    manifest = json.loads((base / "manifest.json").read_text())
+    existed = set(manifest["existed"])
+    for rel in manifest["files"]:
+        _remove(rootp / rel)
+        if rel in existed:
+            _copy(base / "files" / rel, rootp / rel)
+    failed = ""
+    if manifest["stages"] and (rootp / "dvc.lock").is_file():
+        proc = subprocess.run(["dvc", "checkout", "--force", *manifest["stages"]], cwd=rootp, capture_output=True,
+                              text=True, env=dict(env) if env is not None else None)  # fmt: skip
+        failed = proc.stderr.strip() if proc.returncode != 0 else ""
+    for rel in manifest["outs"]:
+        if rel not in existed:
+            _remove(rootp / rel)
+    shutil.rmtree(base)
+    if failed:
+        raise RuntimeError(f"could not restore the workspace's outputs (`dvc checkout --force`): {failed[-800:]}")
+    return True
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def presets_of(params: Mapping[str, Any]) -> str | None:
     """The sections' `preset` names (`pretrain.preset`, `cls.preset`, ...) as one tag: "cpu", or
     "book+cpu" when they differ; None when no section names one."""
@@ -371,6 +474,64 @@ def describe_holder(holder: Mapping[str, Any]) -> str:
         return "holder unknown"
     parts = [f"{k} {holder[k]}" for k in ("flow_run", "flow_run_id", "pid", "host", "since") if holder.get(k)]
     return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def stream_command(
+    cmd: list[str],
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str],
+    on_line: Callable[[str], None],
+    started: Callable[[int, bool], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Run `cmd`, handing each line of its output (stdout and stderr together; a progress bar's redraws are
+    lines too) to `on_line` as it comes. Returns the exit code and the last `TAIL_LINES` lines. `started(pid,
+    running)` hears of the process when it starts (True) and when it has ended (False).
+
+    Should this be interrupted (Ctrl-C, a cancelled flow run, an exception in `on_line`), the command and
+    everything it started are stopped (`stop_process_tree`) before the exception goes on.
+    """
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")  # fmt: skip
+    if started is not None:
+        started(proc.pid, True)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            for line in raw.rstrip("\n").split("\r"):  # progress bars redraw with \r
+                if line.strip():
+                    on_line(line)
+                    tail = [*tail[-(TAIL_LINES - 1) :], line]
+        return proc.wait(), tail
+    finally:
+        if proc.poll() is None:
+            stop_process_tree(proc.pid)
+            proc.wait()
+        if started is not None:
+            started(proc.pid, False)
+
+
+def stop_process_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
+    """Stop process `pid` and everything under it: SIGINT first (a stage sees Ctrl-C and ends its MLflow run
+    KILLED; DVC ignores it while a stage runs), then SIGTERM, then SIGKILL, `grace` seconds apart."""
+    import psutil  # a dependency of DVC
+
+    try:
+        root = psutil.Process(pid)
+        alive = [*root.children(recursive=True), root]  # the children first: taken before the parent goes
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+        if not alive:
+            return
 
 
 # ---------------------------------------------------------------------------------------------
