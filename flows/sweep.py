@@ -36,6 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/pipeline.py: its settings, helpers and flow
 
 import argparse
+import functools
+import json
+import os
 import signal
 import threading
 import time
@@ -96,7 +99,13 @@ def run_member(name: str, changes: dict[str, Any], targets: list[str], root: str
 
 @task(cache_policy=NO_CACHE, retries=0)
 def run_member_on_pool(
-    name: str, changes: dict[str, Any], targets: list[str], root: str, sweep: str, deployment: str
+    name: str,
+    changes: dict[str, Any],
+    targets: list[str],
+    root: str,
+    sweep: str,
+    deployment: str,
+    job_variables: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A flow run of `deployment` (the pipeline on a work pool's worker) with the member's overrides, saved and
     pushed as DVC experiment NAME; then `dvc exp pull origin NAME` here."""
@@ -107,8 +116,8 @@ def run_member_on_pool(
     parameters = {"overrides": changes, "exp_name": name, "push": True, "stages": targets or None,
                   "mlflow_tags": _member_tags(sweep, name)}  # fmt: skip
     logger.info("member %s: a flow run of %s", name, deployment)
-    flow_run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True,
-                              flow_run_name=name)  # fmt: skip
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True, flow_run_name=name,
+                              job_variables=job_variables)  # fmt: skip
     if not flow_run.state.is_completed():
         raise MemberFailed(f"member {name}: flow run {flow_run.name} of {deployment} ended "
                            f"{flow_run.state.name}: {flow_run.state.message}")  # fmt: skip
@@ -138,11 +147,13 @@ def _track(pid: int, running: bool) -> None:
 
 
 def _stop_members() -> None:
-    """Stop every member's command still running (the sweep is being stopped), and what it started."""
+    """Stop every member's command still running (the sweep is being stopped), and what it started: SIGTERM at
+    once, so that no `dvc exp run` lives to save an experiment its stopped stage may still finish (a stage that
+    DVC started ignores Ctrl-C's SIGINT), then SIGKILL."""
     with _LIVE_LOCK:
         pids = list(_LIVE)
     for pid in pids:
-        orch.stop_process_tree(pid)
+        orch.stop_process_tree(pid, signals=(signal.SIGTERM, signal.SIGKILL))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +173,7 @@ def sweep(
     max_parallel: int = 2,
     metric: str | None = None,
     pool: str | None = None,
+    job_variables: dict[str, Any] | None = None,
     project_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the members of a sweep as DVC experiments, up to `max_parallel` at a time, then compare them.
@@ -171,7 +183,8 @@ def sweep(
     the targets each member reproduces (default: the whole pipeline). preset, device, precision, nproc: as the
     pipeline flow's, under each member's overrides. metric: the comparison column naming the best member
     (default: cls.test_accuracy, or instruct.val_loss when only instruct.* keys vary). pool: run the members
-    as flow runs of the pipeline deployment on this work pool. project_dir: the checkout.
+    as flow runs of the pipeline deployment on this work pool; job_variables: theirs (e.g. {"env": {...}}), merged
+    into the deployment's. project_dir: the checkout.
     """
     logger = get_run_logger()
     root = Path(project_dir or pipeline_flow.PROJECT_DIR).resolve()
@@ -200,7 +213,7 @@ def sweep(
             futures = {}
             for m in todo:
                 if deployment:
-                    fn, extra = run_member_on_pool, {"deployment": deployment}
+                    fn, extra = run_member_on_pool, {"deployment": deployment, "job_variables": job_variables}
                 else:
                     fn, extra = run_member, {}
                 task_fn = fn.with_options(name=f"member-{m.name}", task_run_name=m.name)
@@ -332,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-parallel", type=int, default=2, metavar="N", help="members at a time (default: 2)")
     parser.add_argument("--metric", help="the comparison column naming the best member (default: see above)")
     parser.add_argument("--pool", help="run the members as pipeline flow runs on this Prefect work pool")
+    parser.add_argument("--job-variables", type=json.loads, metavar="JSON",
+                        help="with --pool: the members' job variables (JSON), e.g. {\"env\": {...}}")  # fmt: skip
     parser.add_argument("--project", default=str(pipeline_flow.PROJECT_DIR), help="the checkout (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.max_parallel < 1:
@@ -352,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if server is not None:
         server.join()
+    signal.signal(signal.SIGINT, functools.partial(_interrupted, temporary_server=server is not None))
     try:
         state = sweep(name=args.name, grid=grid, sets=sets, stages=args.stages, preset=args.preset,
                       device=args.device, precision=args.precision, nproc=args.nproc,
                       max_parallel=args.max_parallel, metric=args.metric, pool=args.pool,
+                      job_variables=args.job_variables,
                       project_dir=str(root), return_state=True)  # fmt: skip
     except KeyboardInterrupt:
         _stop_members()
@@ -365,6 +382,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {state.name}: {state.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(signum, frame, *, temporary_server: bool) -> None:
+    """Ctrl-C: stop the members at once (their processes got it too, but a `dvc exp run` between stages may
+    not stop). With a temporary Prefect server, Ctrl-C stopped the server as well (same process group), so the
+    flow run cannot be reported any more: exit now rather than wait on its retries."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process as Python's default does
+    _stop_members()
+    if temporary_server:
+        print("sweep interrupted: its running members were stopped", file=sys.stderr, flush=True)
+        os._exit(130)
+    raise KeyboardInterrupt
 
 
 def _read_sets(path: str) -> list[dict[str, Any]]:

@@ -5,7 +5,11 @@ Prefect server and MLflow store: one member killed mid-run, the others completed
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -232,3 +236,108 @@ def compare_rows(out: Path) -> list[dict[str, str]]:
 
     with (out / compare.CSV_FILE).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_members_and_leaves_nothing_running(swept, prefect_server):
+    project = swept[0]
+    before = workspace_state(project)
+    cmd = [sys.executable, str(REPO / "flows" / "sweep.py"), "--project", str(project.path), "--name", "stop",
+           "--grid", "cls.train.seed=101,102", "--stages", CLS, "--max-parallel", "2"]  # fmt: skip (new runs)
+    proc = subprocess.Popen(cmd, cwd=project.path, env={**project.env, **prefect_server.env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (stages := _member_stages(proc.pid, "stop-")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no member's stage started"
+            time.sleep(0.2)
+        members = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out[-3000:]
+    _, alive = psutil.wait_procs(members, timeout=30)
+    assert not alive, [p.pid for p in alive]  # the members' dvc, their stages: all gone
+    assert stages
+    queue = project.run("dvc", "queue", "status")
+    assert "Running" not in queue and "Queued" not in queue, queue
+    assert not [n for n in experiments_shown(project) if n.startswith("stop-")]
+    assert workspace_state(project) == before
+
+
+def _member_stages(root_pid: int, prefix: str) -> list[psutil.Process]:
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for p in psutil.Process(root_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "lora_cls_finetune.py" in " ".join(p.cmdline()) and p.environ().get("DVC_EXP_NAME", "").startswith(
+                        prefix):  # fmt: skip
+                    found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_members_spread_over_two_workers_of_one_pool(swept, prefect_server, tmp_path):
+    """--pool: each member a flow run of prefect.yaml's `gpu` deployment (its pull steps, `dvc repro --pull`, the
+    experiment pushed) on one of two process workers of one pool, each in its own clone of a bare git remote with
+    a local-directory DVC remote; both members back here as DVC experiments, compared."""
+    project = swept[0]
+    root = project.path
+    project.run("git", "checkout", "--", ".")  # the apply of the first test undone
+    subprocess.run(["dvc", "checkout", "--force"], cwd=root, env=project.env, capture_output=True, check=False)
+    for name in ("flows", "prefect.yaml"):
+        src = REPO / name
+        (shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+         if src.is_dir() else shutil.copy(src, root / name))  # fmt: skip
+    origin, storage = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    project.run("git", "init", "-q", "--bare", str(origin))
+    project.run("git", "remote", "add", "origin", str(origin))
+    project.run("dvc", "remote", "add", "-d", "storage", str(storage))
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "flows, deployments, DVC remote")
+    project.run("git", "push", "-q", "origin", "HEAD:main")
+    project.run("dvc", "push")
+    before = workspace_state(project)
+    env = {**project.env, **prefect_server.env}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    for cmd in ([prefect, "work-pool", "create", "gpu", "--type", "process"],
+                [prefect, "--no-prompt", "deploy", "--name", "pipeline/gpu"]):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    workers = []
+    try:
+        for i in (1, 2):
+            clone = tmp_path / f"worker{i}"
+            project.run("git", "clone", "-q", str(origin), str(clone))
+            log = (tmp_path / f"worker{i}.log").open("w")
+            workers.append(subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--limit", "1"], cwd=tmp_path,
+                                            env={**env, "SCRATCHGPT_DIR": str(clone)}, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        no_cuda = json.dumps({"env": {"SCRATCHGPT_DEVICE": "", "SCRATCHGPT_PRECISION": ""}})  # params.yaml's own
+        cmd = [sys.executable, str(root / "flows" / "sweep.py"), "--project", str(root), "--name", "pool", "--grid",
+               "cls.mode=lora,full", "--stages", CLS, "--pool", "gpu", "--job-variables", no_cuda]  # fmt: skip
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        logs = [(tmp_path / f"worker{i}.log").read_text() for i in (1, 2)]
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
+    finally:
+        for w in workers:
+            os.killpg(w.pid, signal.SIGTERM)
+            w.wait(timeout=60)
+    shown = experiments_shown(project)
+    assert {"pool-lora", "pool-full"} <= set(shown)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with prefect_client(prefect_server) as client:
+        named = FlowRunFilter(name=FlowRunFilterName(any_=["pool-lora", "pool-full"]))
+        runs = client.read_flow_runs(flow_run_filter=named)
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    assert all(any(str(r.id) in log for r in runs) for log in logs), "each worker ran one member"
+    first, second = sorted(runs, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time, "the two members ran at the same time"
+    rows = {r["entry"]: r for r in compare_rows(root / "reports" / "sweeps" / "pool")}
+    for name in ("pool-lora", "pool-full"):
+        want = shown[name]["metrics"]["metrics/cls.json"]["test_accuracy"]
+        assert float(rows[name]["cls.test_accuracy"]) == pytest.approx(want, abs=1e-12)
+    assert workspace_state(project) == before

@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -515,9 +515,12 @@ def stream_command(
             started(proc.pid, False)
 
 
-def stop_process_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
-    """Stop process `pid` and everything under it: SIGINT first (a stage sees Ctrl-C and ends its MLflow run
-    KILLED; DVC ignores it while a stage runs), then SIGTERM, then SIGKILL, `grace` seconds apart."""
+def stop_process_tree(
+    pid: int, grace: float = STOP_GRACE_S, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+) -> None:
+    """Stop process `pid` and everything under it with `signals`, `grace` seconds apart, until none is left. By
+    default SIGINT first (a stage sees Ctrl-C and ends its MLflow run KILLED; DVC ignores it while a stage runs),
+    then SIGTERM, then SIGKILL."""
     import psutil  # a dependency of DVC
 
     try:
@@ -525,7 +528,7 @@ def stop_process_tree(pid: int, grace: float = STOP_GRACE_S) -> None:
         alive = [*root.children(recursive=True), root]  # the children first: taken before the parent goes
     except psutil.NoSuchProcess:
         return
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
