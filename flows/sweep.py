@@ -147,13 +147,13 @@ def _track(pid: int, running: bool) -> None:
 
 
 def _stop_members() -> None:
-    """Stop every member's command still running (the sweep is being stopped), and what it started: SIGTERM at
-    once, so that no `dvc exp run` lives to save an experiment its stopped stage may still finish (a stage that
-    DVC started ignores Ctrl-C's SIGINT), then SIGKILL."""
+    """Stop every member's command still running (the sweep is being stopped), and what it started: SIGINT first,
+    which DVC answers by cleaning up its run (a `dvc exp run --temp` killed outright stays listed as running by
+    `dvc exp show`), then SIGTERM and SIGKILL for what is left."""
     with _LIVE_LOCK:
         pids = list(_LIVE)
     for pid in pids:
-        orch.stop_process_tree(pid, signals=(signal.SIGTERM, signal.SIGKILL))
+        orch.stop_process_tree(pid)
 
 
 # ---------------------------------------------------------------------------------------------

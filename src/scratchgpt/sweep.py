@@ -143,7 +143,8 @@ def plan(
 
 def experiments(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """{name: {"params": {file: values}, "metrics": {file: values}}} of the DVC experiments whose baseline is the
-    workspace's commit (`dvc exp show --json`); a member that failed or never finished is not among them."""
+    workspace's commit (`dvc exp show --json`) and that are done: not one still running or queued (`executor`), and
+    not one that failed or never finished (DVC saves none)."""
     proc = subprocess.run(["dvc", "exp", "show", "--json", "--no-fetch"], cwd=root, capture_output=True, text=True,
                           env=dict(env) if env is not None else None, timeout=600)  # fmt: skip
     if proc.returncode != 0:
@@ -151,6 +152,8 @@ def experiments(root: str | os.PathLike[str], env: Mapping[str, str] | None = No
     found: dict[str, dict[str, Any]] = {}
     for baseline in json.loads(proc.stdout or "[]"):
         for exp in baseline.get("experiments") or []:
+            if exp.get("executor"):  # running, queued, or left as running by a killed `dvc exp run`
+                continue
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
                 if exp.get("name") and not rev.get("error"):
