@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import bf16_fast, log_machine
+from machine import best_peaks, bf16_fast, log_machine, measure_peaks, utilisation
 from torch.utils.data import TensorDataset
 
 from scratchgpt.data.datasets import SampleParams
@@ -95,39 +95,7 @@ GOAL_RATIO = 4.0  # the issue's goal at gpt2-small
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine
-
-
-def matmul_gflops(shape: tuple[int, int, int], dtype: torch.dtype, transposed: bool, repeats: int) -> float:
-    """Best GFLOP/s of an (m x k) @ (k x n) matmul over `repeats` timed runs after one warm-up.
-
-    `transposed`: the right operand is the transpose of a row-major (n x k) matrix, as a Linear's
-    forward multiplies by its weight; otherwise it is row-major (k x n), as the input gradient is.
-    """
-    m, k, n = shape
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(dtype)
-    b = torch.randn(n, k, generator=gen).to(dtype).t() if transposed else torch.randn(k, n, generator=gen).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
-
-
-def matmul_peak(dtype: torch.dtype, repeats: int, size: int) -> dict[str, float]:
-    """GFLOP/s of square `size` matmuls (both layouts of the right operand) and of the MLP's forward
-    matmul at gpt2-small (2 x 256 tokens, 768 -> 3072); `peak` is the best of them."""
-    shapes = {
-        f"square_{size}_nn": ((size, size, size), False),
-        f"square_{size}_nt": ((size, size, size), True),
-        "mlp_512x768x3072_nt": ((512, 768, 3072), True),
-    }
-    out = {name: round(matmul_gflops(shape, dtype, t, repeats), 2) for name, (shape, t) in shapes.items()}
-    out["peak"] = max(out.values())
-    return out
+# Threads and the compile cache
 
 
 @contextlib.contextmanager
@@ -542,7 +510,7 @@ def add_mfu(section: dict[str, Any], peaks: dict[str, float]) -> None:
     section["fp32_ceiling_tokens_per_s"] = round(ceiling, 1)
     section["fp32_ceiling_ratio_vs_book"] = round(ceiling / book, 2) if book else None
     for r in section["contenders"].values():
-        r["mfu"] = round(r["achieved_gflops"] / peaks[r["mfu_dtype"]], 4)
+        r["mfu"] = utilisation(r["achieved_gflops"], peaks[r["mfu_dtype"]])
 
 
 def goal_summary(configs: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
@@ -575,17 +543,6 @@ def goal_summary(configs: dict[str, Any], peaks: dict[str, float]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def measure_peaks(quick: bool) -> dict[str, dict[str, float]]:
-    """fp32 and bf16 matmul GFLOP/s (see `matmul_peak`)."""
-    size = 1024 if quick else 2048
-    out = {"fp32": matmul_peak(torch.float32, 2 if quick else 3, size)}
-    # Without a fast bf16 path one 2048 matmul takes over a minute; 512 shows the same.
-    slow = not bf16_fast()
-    out["bf16"] = matmul_peak(torch.bfloat16, 1 if slow else 3, 512 if slow else size)
-    log.info("matmul GFLOP/s: %s", out)
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -638,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = log_machine(log)
 
     peak_start = measure_peaks(args.quick)
+    log.info("matmul GFLOP/s: %s", peak_start)
     setups = [] if args.skip_124m else [(load_setup("gpt2-small", "book"), True)]
     setups.append((load_setup("cpu-small", None), False))
     configs: dict[str, Any] = {}
@@ -649,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
                  {k: (v["tokens_per_s"], v["ratio_vs_book"]) for k, v in configs[setup.label]["contenders"].items()})
     # Peaks again at the end: a shared machine can lower one measurement, never raise it.
     peak_end = measure_peaks(args.quick)
-    peaks = {k: max(peak_start[k]["peak"], peak_end[k]["peak"]) for k in peak_start}
+    log.info("matmul GFLOP/s: %s", peak_end)
+    peaks = best_peaks(peak_start, peak_end)
     for section in configs.values():
         add_mfu(section, peaks)
     peak = {k: {"start": peak_start[k], "end": peak_end[k], "peak": peaks[k]} for k in peaks}
