@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from scratchgpt.nn.model import PRESETS, GPTConfig, GPTModel, MultiHeadAttention
+from scratchgpt.nn.model import (
+    FAST_DECODE_MAX_ROWS,
+    PRESETS,
+    GPTConfig,
+    GPTModel,
+    MultiHeadAttention,
+    linear,
+    set_fast_decode,
+)
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -163,3 +171,53 @@ def test_last_only_head_equals_the_last_position_of_the_full_logits():
         full = model(x)
     assert last.shape == (2, 1, TINY.vocab_size)
     torch.testing.assert_close(last, full[:, -1:])
+
+
+@pytest.mark.parametrize("rows", [1, 3, FAST_DECODE_MAX_ROWS, FAST_DECODE_MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_equals_f_linear(rows, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 200, bias=bias)
+    x = torch.randn(1, rows, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    old = set_fast_decode(False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias))
+    finally:
+        set_fast_decode(old)
+
+
+def test_decode_linear_leaves_training_bf16_and_wrapped_layers_to_the_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(1, 1, 8, requires_grad=True)
+    out = linear(layer, x)  # autograd on: the layer's own forward, with its gradient
+    assert torch.equal(out, layer(x))
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        bf16 = torch.nn.Linear(8, 4).to(torch.bfloat16)
+        assert torch.equal(linear(bf16, x.detach().bfloat16()), bf16(x.detach().bfloat16()))
+        wrapped = torch.nn.Sequential(layer)
+        assert torch.equal(linear(wrapped, x.detach()), layer(x.detach()))
+
+
+def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
+    x = torch.randint(0, TINY.vocab_size, (1, 10))
+
+    def decode():
+        caches = model.new_kv_cache(1)
+        with torch.inference_mode():
+            return torch.cat([model(x[:, :4], caches)] + [model(x[:, i : i + 1], caches) for i in range(4, 10)], 1)
+
+    fast = decode()
+    old = set_fast_decode(False)
+    try:
+        plain = decode()
+    finally:
+        set_fast_decode(old)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
