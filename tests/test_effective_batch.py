@@ -103,7 +103,7 @@ SETUPS = {
     "cls": Setup(classifier, classification_loss("last-token"), spam_texts(), pad_collate(pad_id=PAD), real_tokens),
     # class weights (cls.class_weights: balanced): torch's weighted mean runs over the labels' weights
     "cls-weighted": Setup(classifier, classification_loss("last-token", torch.tensor([0.6, 2.5])), spam_texts(),
-                          pad_collate(pad_id=PAD), real_tokens),  # fmt: skip
+                          pad_collate(pad_id=PAD), real_tokens),
     "pretrain": Setup(lambda: GPTModel(TINY), lm_loss, windows(), default_collate),
 }
 # (batch size per process, accumulation steps) of one optimizer step over the eight samples, one process
