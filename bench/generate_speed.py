@@ -6,7 +6,8 @@ a 32-token prompt and 100 new tokens, in fp32 and with bf16 weights (each librar
 `.to(torch.bfloat16)`). The contenders are timed in interleaved rounds, so that load from other
 processes on a shared machine hits them alike; the median run is reported, the best run too.
 
-  huggingface_generate_{fp32,bf16}   the reference of each precision
+  huggingface_generate_{fp32,bf16}   the reference of each precision (bf16: one run where the CPU has
+                                     no fast bf16 matmul, it is slow)
   book_no_cache_fp32                 the book's `generate_text_simple` (no cache; one run, it is slow)
   scratchgpt_kv_cache_{fp32,bf16}    `scratchgpt.nn.generate.generate`, as the stages call it
   scratchgpt_kv_cache_fp32_default_blas
@@ -35,11 +36,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from machine import best_peaks, log_machine, measure_peaks, memory_bandwidth, utilisation
+from machine import best_peaks, bf16_fast, log_machine, measure_peaks, memory_bandwidth, utilisation
 
 from scratchgpt.nn.checkpoint import load_hf_gpt2
 from scratchgpt.nn.generate import generate
@@ -58,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median is reported)")
-    parser.add_argument("--book-repeats", type=int, default=1, help="timed runs of the slow book loop (0: skip)")
+    parser.add_argument("--no-book", dest="book_loop", action="store_false", help="skip the book's slow loop")
     parser.add_argument("--quick", action="store_true", help="a 4-layer model and 20 new tokens (smoke test)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -80,12 +83,6 @@ def build_models(quick: bool, workdir: Path) -> tuple[torch.nn.Module, GPTModel,
     return hf, ours, book
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def default_blas(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """`fn` run with `linear`'s oneDNN path switched off."""
     def run() -> torch.Tensor:
@@ -98,29 +95,51 @@ def default_blas(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return run
 
 
-def contenders(hf: torch.nn.Module, ours: GPTModel, prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
-    """name -> (precision, run): every contender but the book's loop."""
+@dataclass
+class Contender:
+    """A way to generate `new_tokens` after the prompt; `slow` ones run once, in the first round only,
+    without a warm-up run (a one-time cost then stays in their time: it only flatters the others less)."""
+
+    precision: str
+    run: Callable[[], torch.Tensor]
+    slow: bool = False
+    seconds: list[float] = field(default_factory=list)
+    output: torch.Tensor | None = None
+
+    def time(self) -> None:
+        start = time.perf_counter()
+        self.output = self.run()
+        self.seconds.append(time.perf_counter() - start)
+
+
+def contenders(hf: torch.nn.Module, ours: GPTModel, book: torch.nn.Module, prompt: torch.Tensor,
+               new_tokens: int, book_loop: bool) -> dict[str, Contender]:  # fmt: skip
+    """Every contender, by name (the book's loop only with `book_loop`)."""
+    from llms_from_scratch.ch04 import generate_text_simple
+
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16).eval()
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16).eval()
 
-    def run_hf(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)  # fmt: skip
+    @torch.inference_mode()
+    def hf_generate(model: torch.nn.Module) -> torch.Tensor:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)  # fmt: skip
 
-        return run
-
-    def run_ours(model: GPTModel) -> Callable[[], torch.Tensor]:
-        return lambda: generate(model, prompt, new_tokens)
-
-    return {
-        "huggingface_generate_fp32": ("fp32", run_hf(hf)),
-        "scratchgpt_kv_cache_fp32": ("fp32", run_ours(ours)),
-        "scratchgpt_kv_cache_fp32_default_blas": ("fp32", default_blas(run_ours(ours))),
-        "huggingface_generate_bf16": ("bf16", run_hf(hf_bf16)),
-        "scratchgpt_kv_cache_bf16": ("bf16", run_ours(ours_bf16)),
+    out = {
+        "huggingface_generate_fp32": Contender("fp32", partial(hf_generate, hf)),
+        "scratchgpt_kv_cache_fp32": Contender("fp32", partial(generate, ours, prompt, new_tokens)),
+        "scratchgpt_kv_cache_fp32_default_blas": Contender(
+            "fp32", default_blas(partial(generate, ours, prompt, new_tokens))
+        ),
+        # Without a fast bf16 matmul (no AVX512-BF16/AMX) Hugging Face's bf16 Conv1D products are slow.
+        "huggingface_generate_bf16": Contender("bf16", partial(hf_generate, hf_bf16), slow=not bf16_fast()),
+        "scratchgpt_kv_cache_bf16": Contender("bf16", partial(generate, ours_bf16, prompt, new_tokens)),
     }
+    if book_loop:
+        book_run = torch.inference_mode()(partial(generate_text_simple, book, prompt, new_tokens,
+                                                  ours.cfg.context_length))  # fmt: skip
+        out["book_no_cache_fp32"] = Contender("fp32", book_run, slow=True)
+    return out
 
 
 def decode_costs(ours: GPTModel, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
@@ -146,41 +165,31 @@ def main(argv: list[str] | None = None) -> None:
     peaks_start = measure_peaks(args.quick)
     bandwidth = memory_bandwidth()
     new_tokens = 20 if args.quick else args.new_tokens
-    from llms_from_scratch.ch04 import generate_text_simple
-
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours, book = build_models(args.quick, Path(tmp))
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     log.info("model: %d layers, %.1fM parameters (tied head); prompt %d tokens, %d new tokens, %d threads",
              ours.cfg.n_layers, ours.num_parameters() / 1e6, args.prompt_tokens, new_tokens, torch.get_num_threads())
 
-    runs = contenders(hf, ours, prompt, new_tokens)
-    outputs = {name: fn() for name, (_, fn) in runs.items()}  # warm-up, and the outputs compared below
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    runs = contenders(hf, ours, book, prompt, new_tokens, args.book_loop)
+    for c in runs.values():
+        if not c.slow:
+            c.run()  # warm-up
     for r in range(args.rounds):
-        for name, (_, fn) in runs.items():
-            seconds[name].append(timed(fn)[0])
+        for c in runs.values():
+            if r == 0 or not c.slow:
+                c.time()
         log.info("round %d/%d: %s (load %.1f)", r + 1, args.rounds,
-                 {k: round(new_tokens / v[-1], 1) for k, v in seconds.items()}, os.getloadavg()[0])
-    precisions = {name: p for name, (p, _) in runs.items()}
-    if args.book_repeats:
-        precisions["book_no_cache_fp32"] = "fp32"
-        seconds["book_no_cache_fp32"] = []
-        for _ in range(args.book_repeats):
-            with torch.inference_mode():
-                s, outputs["book_no_cache_fp32"] = timed(
-                    lambda: generate_text_simple(book, prompt, new_tokens, ours.cfg.context_length)
-                )
-            seconds["book_no_cache_fp32"].append(s)
+                 {k: round(new_tokens / c.seconds[-1], 1) for k, c in runs.items()}, os.getloadavg()[0])  # fmt: skip
     peaks = best_peaks(peaks_start, measure_peaks(args.quick))
 
     costs = decode_costs(ours, args.prompt_tokens, new_tokens)
-    results = {name: entry(seconds[name], new_tokens, precisions[name], costs, peaks, bandwidth) for name in seconds}
+    results = {name: entry(c, new_tokens, costs, peaks, bandwidth) for name, c in runs.items()}
     for r in results.values():
         r["ratio_vs_reference"] = round(r["tokens_per_s"] / results[REFERENCE[r["precision"]]]["tokens_per_s"], 3)
         r["ratio_vs_huggingface_fp32"] = round(r["tokens_per_s"] / results[REFERENCE["fp32"]]["tokens_per_s"], 3)
     start = args.prompt_tokens
-    same = {name: first_difference(out, outputs[REFERENCE[precisions[name]]], start) for name, out in outputs.items()}
+    same = {name: first_difference(c.output, runs[REFERENCE[c.precision]].output, start) for name, c in runs.items()}
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "benchmark": "greedy generation, batch 1, random GPT-2 weights",
@@ -195,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         **costs,
         "tokens_same_as_reference": same,
-        "fp32_outputs_identical": all(same[n] == new_tokens for n in same if precisions[n] == "fp32"),
+        "fp32_outputs_identical": all(same[n] == new_tokens for n, c in runs.items() if c.precision == "fp32"),
         "bf16_tokens_matching_fp32": first_difference(
-            outputs["scratchgpt_kv_cache_bf16"], outputs["scratchgpt_kv_cache_fp32"], start
+            runs["scratchgpt_kv_cache_bf16"].output, runs["scratchgpt_kv_cache_fp32"].output, start
         ),
         "target": target(results),
         "results": results,
@@ -207,20 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     log.info("target: %s; wrote %s", report["target"], args.output)
 
 
-def entry(seconds: list[float], new_tokens: int, precision: str, costs: dict[str, float],
-          peaks: dict[str, float], bandwidth: float) -> dict[str, Any]:  # fmt: skip
+def entry(c: Contender, new_tokens: int, costs: dict[str, float], peaks: dict[str, float],
+          bandwidth: float) -> dict[str, Any]:  # fmt: skip
     """One contender's JSON: tokens/s of the median and best run, MFU and MBU."""
-    median = statistics.median(seconds)
+    median = statistics.median(c.seconds)
     tps = new_tokens / median
-    bytes_per_element = 4 if precision == "fp32" else 2
+    bytes_per_element = 4 if c.precision == "fp32" else 2
     return {
-        "precision": precision,
+        "precision": c.precision,
         "seconds": round(median, 4),
-        "all_seconds": [round(s, 4) for s in seconds],
+        "all_seconds": [round(s, 4) for s in c.seconds],
         "tokens_per_s": round(tps, 2),
-        "tokens_per_s_best": round(new_tokens / min(seconds), 2),
-        "mfu": utilisation(tps * costs["flops_per_token"] / 1e9, peaks[precision]),
+        "tokens_per_s_best": round(new_tokens / min(c.seconds), 2),
+        "mfu": utilisation(tps * costs["flops_per_token"] / 1e9, peaks[c.precision]),
         "mbu": utilisation(tps * costs["elements_read_per_token"] * bytes_per_element / 1e9, bandwidth),
+        "timed_runs": len(c.seconds),
     }
 
 

@@ -6,10 +6,12 @@ from torch.nn import functional as F
 
 from scratchgpt.nn.model import (
     FAST_DECODE_MAX_ROWS,
+    FAST_DECODE_MIN_WEIGHTS,
     PRESETS,
     GPTConfig,
     GPTModel,
     MultiHeadAttention,
+    fast_decode,
     linear,
     set_fast_decode,
 )
@@ -175,7 +177,8 @@ def test_last_only_head_equals_the_last_position_of_the_full_logits():
 
 @pytest.mark.parametrize("rows", [1, 3, FAST_DECODE_MAX_ROWS, FAST_DECODE_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_linear_equals_f_linear(rows, bias):
+def test_decode_linear_equals_f_linear(rows, bias, monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 200, bias=bias)
     x = torch.randn(1, rows, 48)
@@ -204,7 +207,8 @@ def test_decode_linear_leaves_training_bf16_and_wrapped_layers_to_the_layer():
         assert torch.equal(linear(wrapped, x.detach()), layer(x.detach()))
 
 
-def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits():
+def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits(monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
     x = torch.randint(0, TINY.vocab_size, (1, 10))
@@ -221,3 +225,36 @@ def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits():
     finally:
         set_fast_decode(old)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_stacks_query_key_value_and_follows_weight_updates(monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
+    x = torch.randint(0, TINY.vocab_size, (1, 6))
+
+    def decode_last():
+        caches = model.new_kv_cache(1)
+        with torch.no_grad():
+            model(x[:, :5], caches)
+            return model(x[:, 5:], caches)
+
+    torch.testing.assert_close(decode_last(), model(x).detach()[:, 5:], atol=1e-5, rtol=1e-5)
+    att = model.trf_blocks[0].att
+    with torch.no_grad():
+        stacked = fast_decode(torch.ones(1, 1, TINY.emb_dim), att.W_query)
+    assert stacked == torch.backends.mkldnn.is_available()
+    assert (att._fused_qkv is not None) == stacked
+    with torch.no_grad():
+        att.W_key.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        att.W_value.bias.add_(1.0)
+    torch.testing.assert_close(decode_last(), model(x).detach()[:, 5:], atol=1e-5, rtol=1e-5)
+    model.train()
+    assert att._fused_qkv is None
+
+
+def test_decode_linear_leaves_small_weights_to_the_default_blas():
+    layer = torch.nn.Linear(32, 32)
+    assert layer.weight.numel() < FAST_DECODE_MIN_WEIGHTS
+    with torch.no_grad():
+        assert not fast_decode(torch.ones(1, 1, 32), layer)

@@ -104,6 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 FAST_DECODE_MAX_ROWS = 16
 """`linear` uses oneDNN for inputs of at most this many rows (tokens x batch); above it, compute-bound
 matmuls are as fast through PyTorch's default BLAS."""
+FAST_DECODE_MIN_WEIGHTS = 2**18
+"""... and for weights of at least this many elements (1 MB of fp32): sharing a smaller product among
+threads costs more than it saves."""
 
 
 def _onednn_linear_available() -> bool:
@@ -121,24 +124,40 @@ def set_fast_decode(enabled: bool) -> bool:
     return old
 
 
+def fast_decode(x: Tensor, *layers: nn.Module) -> bool:
+    """Whether `linear` runs `layers` on `x` through oneDNN: plain fp32 `nn.Linear`s of at least
+    `FAST_DECODE_MIN_WEIGHTS` weights each on CPU, at most `FAST_DECODE_MAX_ROWS` rows, no autograd."""
+    return (
+        _ONEDNN_LINEAR
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() <= FAST_DECODE_MAX_ROWS * x.shape[-1]
+        and all(
+            type(layer) is nn.Linear
+            and layer.weight.dtype == torch.float32
+            and layer.weight.numel() >= FAST_DECODE_MIN_WEIGHTS
+            for layer in layers
+        )
+    )
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear(x, weight, bias)` by oneDNN's inner product (see `linear`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
     """`layer(x)`, with an fp32 `nn.Linear` on a few rows without autograd (decoding) run by oneDNN.
 
     A matrix-vector product is bound by reading the weight from memory. PyTorch's default BLAS reads it
     with one thread on CPU (and is slower still for 2-16 rows); oneDNN's inner product uses every
-    intra-op thread: on 2 cores GPT-2's decoding step runs about 1.3x faster. The result equals
-    `F.linear` up to float rounding (a different summation order). Any other layer (a LoRA wrapper,
-    bf16 weights, training) is simply called.
+    intra-op thread, and reads GPT-2's weights at about the machine's memory bandwidth. The result
+    equals `F.linear` up to float rounding (a different summation order). Any other layer (a LoRA
+    wrapper, bf16 weights, training) is simply called.
     """
-    if (
-        _ONEDNN_LINEAR
-        and type(layer) is nn.Linear
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == layer.weight.dtype == torch.float32
-        and x.numel() <= FAST_DECODE_MAX_ROWS * x.shape[-1]
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    if fast_decode(x, layer):
+        return onednn_linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
@@ -197,12 +216,13 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.drop_rate = drop_rate
+        self._fused_qkv: tuple[tuple[int, ...], Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
         """`mask` (B, 1, T, S), True where a query may attend to a key, replaces the causal mask
         (left-padded batches, see `GPTModel.forward`)."""
         b, t, _ = x.shape
-        q, k, v = (self._split_heads(linear(w, x), b, t) for w in (self.W_query, self.W_key, self.W_value))
+        q, k, v = (self._split_heads(y, b, t) for y in self._project(x))
         start = 0
         if cache is not None:
             start = cache.pos
@@ -218,6 +238,36 @@ class MultiHeadAttention(nn.Module):
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return linear(self.out_proj, out.transpose(1, 2).reshape(b, t, -1))
+
+    def _project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Queries, keys and values of `x`; when decoding, by one matrix-vector product with the three
+        weights stacked (one pass over memory and one parallel region instead of three)."""
+        layers = (self.W_query, self.W_key, self.W_value)
+        if fast_decode(x, *layers) and (fused := self._stacked_qkv()) is not None:
+            return onednn_linear(x, *fused).split(self.W_query.out_features, dim=-1)
+        return tuple(linear(w, x) for w in layers)
+
+    def _stacked_qkv(self) -> tuple[Tensor, Tensor | None] | None:
+        """The query, key and value weights (and biases) stacked, a copy (7 MB a layer at gpt2-small)
+        kept until the module is put in training mode and rebuilt whenever a weight changed
+        (another tensor, or an in-place update such as an optimizer step). None, so unstacked, for
+        inference tensors (they keep no version to check) and for biases on some projections only."""
+        layers = (self.W_query, self.W_key, self.W_value)
+        biases = [w.bias for w in layers]
+        params = [w.weight for w in layers] + [b for b in biases if b is not None]
+        if any(p.is_inference() for p in params) or len(params) not in (3, 6):
+            return None
+        key = tuple(v for p in params for v in (p.data_ptr(), p._version))
+        if self._fused_qkv is None or self._fused_qkv[0] != key:
+            bias = torch.cat(biases) if len(params) == 6 else None
+            self._fused_qkv = (key, torch.cat([w.weight for w in layers]), bias)
+        return self._fused_qkv[1], self._fused_qkv[2]
+
+    def train(self, mode: bool = True) -> MultiHeadAttention:
+        """`nn.Module.train`; training mode drops the stacked weights (training would make them stale)."""
+        if mode:
+            self._fused_qkv = None
+        return super().train(mode)
 
     def _split_heads(self, x: Tensor, b: int, t: int) -> Tensor:
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
