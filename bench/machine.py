@@ -110,7 +110,7 @@ def matmul_peak(dtype: torch.dtype, repeats: int, size: int) -> dict[str, float]
 def measure_peaks(quick: bool = False) -> dict[str, dict[str, float]]:
     """fp32 and bf16 matmul GFLOP/s (see `matmul_peak`); each dict's `peak` is the MFU denominator."""
     size = 1024 if quick else 2048
-    out = {"fp32": matmul_peak(torch.float32, 2 if quick else 3, size)}
+    out = {"fp32": matmul_peak(torch.float32, 2 if quick else 5, size)}
     # Without a fast bf16 path one 2048 matmul takes over a minute; 512 shows the same.
     slow = not bf16_fast()
     out["bf16"] = matmul_peak(torch.bfloat16, 1 if slow else 3, 512 if slow else size)

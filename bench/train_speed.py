@@ -91,7 +91,7 @@ FLOPS_FORMULA = (
     "T = training context; MFU = tokens/s * FLOPs per token / measured matmul peak of the dtype used"
 )
 BOOK_LR, BOOK_WEIGHT_DECAY = 4e-4, 0.1  # the book's chapter-5 optimizer
-GOAL_RATIO = 4.0  # the issue's goal at gpt2-small
+TARGET_FP32_MFU, TARGET_BF16_MFU = 0.70, 0.40  # issue 19's targets at gpt2-small
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,30 +514,30 @@ def add_mfu(section: dict[str, Any], peaks: dict[str, float]) -> None:
 
 
 def goal_summary(configs: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
-    """The issue's goal (>= 4x the book at gpt2-small) against what was measured, and why."""
+    """Issue 19's targets at gpt2-small against what was measured: fp32 training at >= 70% of the fp32
+    matmul peak; bf16-mixed at >= 40% of the bf16 peak where the CPU has bf16 matrix units."""
     big = configs.get("gpt2-small")
-    if not big or "book_fp32" not in big["contenders"] or not big["best_with_levers"]:
-        return {"target_ratio_vs_book": GOAL_RATIO, "measured": False}
-    book = big["contenders"]["book_fp32"]
-    best = big["contenders"][big["best_with_levers"]]
+    if not big or not big["best_with_levers"]:
+        return {"target_fp32_mfu": TARGET_FP32_MFU, "measured": False}
+    fp32 = {k: v for k, v in big["contenders"].items() if v["mfu_dtype"] == "fp32" and k != "book_fp32"}
+    best = max(fp32, key=lambda k: fp32[k]["mfu"])
+    trainer = "exp_keep_heap" if "exp_keep_heap" in fp32 else "ours_fp32"
+    book = big["contenders"].get("book_fp32", {})
     return {
-        "target_ratio_vs_book": GOAL_RATIO,
-        "best_stage_setting": big["best_stage_setting"],
-        "best_stage_setting_ratio_vs_book": big["best_stage_setting_ratio_vs_book"],
-        "best_with_levers": big["best_with_levers"],
-        "best_with_levers_ratio_vs_book": big["best_with_levers_ratio_vs_book"],
-        "met": best["ratio_vs_book"] >= GOAL_RATIO,
+        "target_fp32_mfu": TARGET_FP32_MFU,
+        "trainer_fit_setting": trainer,
+        "trainer_fit_mfu": fp32[trainer]["mfu"],
+        "best_fp32": best,
+        "best_fp32_mfu": fp32[best]["mfu"],
+        "met": fp32[trainer]["mfu"] >= TARGET_FP32_MFU,
+        "book_mfu": book.get("mfu"),
         "fp32_ceiling_ratio_vs_book": big["fp32_ceiling_ratio_vs_book"],
-        "book_mfu": book["mfu"],
-        "best_mfu": best["mfu"],
-        "why": (
-            f"At 100% of the measured fp32 matmul peak ({peaks['fp32']:.0f} GFLOP/s) a gpt2-small training "
-            f"step of {big['flops_per_token'] / 1e6:.0f} MFLOP/token runs at most "
-            f"{big['fp32_ceiling_tokens_per_s']:.0f} tokens/s, {big['fp32_ceiling_ratio_vs_book']}x the book "
-            f"(which reaches {book['mfu']:.0%} MFU); {GOAL_RATIO:g}x would need a faster dtype. bf16 has no fast "
-            f"path on this CPU (capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 "
-            f"{'supported' if bf16_fast() else 'unsupported'}; bf16 matmul peak {peaks['bf16']:.1f} GFLOP/s), "
-            "so the issue's AMX-based bf16 speed-up cannot happen here."
+        "target_bf16_mfu": TARGET_BF16_MFU if bf16_fast() else None,
+        "bf16": (
+            "measured above" if bf16_fast() else
+            f"not applicable: no bf16 matrix units (AVX512-BF16/AMX) on this CPU (capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); the bf16 matmul peak is {peaks['bf16']:.1f} GFLOP/s "
+            f"against {peaks['fp32']:.0f} in fp32, so bf16-mixed training is slower than fp32 here"
         ),
     }
 
