@@ -7,11 +7,14 @@ from torch.nn import functional as F
 from scratchgpt.nn.model import (
     FAST_DECODE_MAX_ROWS,
     FAST_DECODE_MIN_WEIGHTS,
+    HEAD_PAD_MIN_ROWS,
+    HEAD_PAD_MULTIPLE,
     PRESETS,
     GPTConfig,
     GPTModel,
     MultiHeadAttention,
     fast_decode,
+    head,
     linear,
     set_fast_decode,
 )
@@ -258,3 +261,45 @@ def test_decode_linear_leaves_small_weights_to_the_default_blas():
     assert layer.weight.numel() < FAST_DECODE_MIN_WEIGHTS
     with torch.no_grad():
         assert not fast_decode(torch.ones(1, 1, 32), layer)
+
+
+VOCAB_HEAD = GPTConfig(vocab_size=5003, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_padded_head_gives_the_same_loss_and_gradients(tie, monkeypatch):
+    """`head` pads a vocabulary-sized weight for the forward product: the loss and every gradient are
+    those of the plain `nn.Linear` (up to float rounding)."""
+    cfg = GPTConfig(**{**VOCAB_HEAD.to_dict(), "tie_weights": tie})
+    assert cfg.vocab_size >= HEAD_PAD_MIN_ROWS and cfg.vocab_size % HEAD_PAD_MULTIPLE
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 12))
+    y = torch.randint(0, cfg.vocab_size, (3, 12))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = loss_and_grads()
+    monkeypatch.setattr("scratchgpt.nn.model.HEAD_PAD_MIN_ROWS", 10**9)  # the plain nn.Linear
+    plain = loss_and_grads()
+    torch.testing.assert_close(padded[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert padded[1].keys() == plain[1].keys()
+    for name in plain[1]:
+        torch.testing.assert_close(padded[1][name], plain[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_padded_head_is_used_only_for_fp32_vocabulary_heads():
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 32)
+    vocab = torch.nn.Linear(32, VOCAB_HEAD.vocab_size, bias=False)
+    with torch.no_grad():
+        torch.testing.assert_close(head(vocab, x), F.linear(x, vocab.weight), atol=1e-6, rtol=1e-6)
+        assert head(vocab, x).shape == (2, 20, VOCAB_HEAD.vocab_size)
+    classifier = torch.nn.Linear(32, 2)
+    assert torch.equal(head(classifier, x), classifier(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head(vocab, x), vocab(x))

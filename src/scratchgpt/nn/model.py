@@ -161,6 +161,55 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
+HEAD_PAD_MULTIPLE = 64
+"""`head` multiplies by the output head's weight padded with zero rows to a multiple of this many."""
+HEAD_PAD_MIN_ROWS = 4096
+"""... if the head has at least this many rows (a vocabulary, not a classifier's few classes)."""
+
+
+class _PaddedLinear(torch.autograd.Function):
+    """`x @ weight.T` (no bias) through the weight padded with zero rows, the padding's columns cut off.
+
+    The backward pass is `F.linear`'s own (`grad @ weight`, `grad.T @ x`): only the forward product
+    changes shape, and a padded row only ever makes a zero column, which is cut off."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, rows: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        padded = torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+        return (x.flatten(0, -2) @ padded.T)[:, : weight.shape[0]].unflatten(0, x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.flatten(0, -2)
+        return (grad @ weight).unflatten(0, x.shape[:-1]), grad.T @ x.flatten(0, -2), None
+
+
+def head(layer: nn.Module, x: Tensor) -> Tensor:
+    """The output head `layer(x)`; on CPU in fp32 (training and evaluation) a vocabulary-sized head
+    multiplies by its weight padded to a multiple of `HEAD_PAD_MULTIPLE` rows.
+
+    PyTorch's default BLAS runs the forward product at GPT-2's 50,257 rows at about 60% of the matmul
+    peak on an AVX2 CPU; at 50,304 rows near the peak. That saves ~0.1 s of a 3.1 s gpt2-small step
+    (context 256, batch 2) even after copying the weight: the same numbers up to float rounding (the
+    same dot products; here bit for bit), the same gradients, no change to the parameter or checkpoints.
+    """
+    if (
+        type(layer) is nn.Linear
+        and layer.bias is None
+        and layer.out_features >= HEAD_PAD_MIN_ROWS
+        and layer.out_features % HEAD_PAD_MULTIPLE
+        and x.device.type == "cpu"
+        and x.dtype == layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not fast_decode(x, layer)
+    ):
+        rows = -(-layer.out_features // HEAD_PAD_MULTIPLE) * HEAD_PAD_MULTIPLE
+        return _PaddedLinear.apply(x, layer.weight, rows)
+    return linear(layer, x)
+
+
 class KVCache:
     """Keys and values of one attention layer, pre-allocated for the whole context window.
 
@@ -367,7 +416,7 @@ class GPTModel(nn.Module):
             x = block(x, caches[i] if caches else None, mask)
         if last_only:
             x = x[:, -1:]
-        return linear(self.out_head, self.final_norm(x))
+        return head(self.out_head, self.final_norm(x))
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer caches on the model's device and dtype."""
