@@ -12,7 +12,9 @@ Throughput counts forward + backward + optimizer step (batches already in memory
                   from the stage's params with only `precision` / `compile` changed:
                   ours_fp32, ours_bf16 (bf16-mixed autocast), ours_fp32_compile, ours_bf16_compile.
   exp_*           the same step plus a lever the stage has no param for, to see if one is worth adding:
-                  exp_vocab64      vocabulary padded to a multiple of 64 (50,304) for the head matmul
+                  exp_vocab64      vocabulary padded to a multiple of 64 (50,304): a bigger model; since
+                                   issue 19 ours_* pad only the head's forward product
+                                   (`scratchgpt.nn.model.head`, same numbers), so this shows what is left
                   exp_threads1     one intra-op thread instead of one per core (CPU preset only)
                   exp_keep_heap    glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, no trim), so
                                    the step's big tensors (logits, gradients) are not mmap'ed and
