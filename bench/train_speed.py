@@ -19,6 +19,9 @@ Throughput counts forward + backward + optimizer step (batches already in memory
                   exp_keep_heap    glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, no trim), so
                                    the step's big tensors (logits, gradients) are not mmap'ed and
                                    page-faulted afresh every step
+                  exp_keep_heap_plain_head
+                                   exp_keep_heap with the output head's plain 50,257-row product (the
+                                   padded one, `scratchgpt.nn.model.head`, switched off): its effect
                   exp_best         fp32 + keep_heap + each of compile and vocab64 that was over 2%
                                    faster than ours_fp32 in the first phase
 
@@ -71,6 +74,7 @@ from machine import best_peaks, bf16_fast, log_machine, measure_peaks, utilisati
 from torch.utils.data import TensorDataset
 
 from scratchgpt.data.datasets import SampleParams
+from scratchgpt.nn import model as model_module
 from scratchgpt.nn.model import GPTConfig, GPTModel
 from scratchgpt.pipeline.pretrain import PretrainParams
 from scratchgpt.plumbing import cli
@@ -98,6 +102,17 @@ TARGET_FP32_MFU, TARGET_BF16_MFU = 0.70, 0.40  # issue 19's targets at gpt2-smal
 
 # ---------------------------------------------------------------------------------------------
 # Threads and the compile cache
+
+
+@contextlib.contextmanager
+def plain_head(on: bool) -> Iterator[None]:
+    """The output head's plain product (no padding, see `scratchgpt.nn.model.head`) while `on`."""
+    old = model_module.HEAD_PAD_MIN_ROWS
+    model_module.HEAD_PAD_MIN_ROWS = 2**62 if on else old
+    try:
+        yield
+    finally:
+        model_module.HEAD_PAD_MIN_ROWS = old
 
 
 @contextlib.contextmanager
@@ -166,6 +181,7 @@ class Spec:
     compile: bool = False
     vocab64: bool = False
     keep_heap: bool = False
+    plain_head: bool = False
     threads: int | None = None
     book: bool = False
 
@@ -253,9 +269,15 @@ def ours_contender(
     batches = cycle(data)
     extras = [name for name, on in (("compile", spec.compile), ("keep_heap", spec.keep_heap),
                                     (f"vocab_size {cfg.vocab_size}", spec.vocab64),
-                                    (f"{spec.threads} thread(s)", spec.threads is not None)) if on]
+                                    (f"{spec.threads} thread(s)", spec.threads is not None),
+                                    ("plain head", spec.plain_head)) if on]
     note = f"Trainer._train_step, precision {train.precision}" + "".join(f", {x}" for x in extras)
-    return Contender(spec, lambda: trainer._train_step(batches), tokens * train.grad_accum_steps, note)
+
+    def step() -> float:
+        with plain_head(spec.plain_head):
+            return trainer._train_step(batches)
+
+    return Contender(spec, step, tokens * train.grad_accum_steps, note)
 
 
 def run_step(c: Contender) -> float:
@@ -436,7 +458,9 @@ def run_setup(setup: Setup, args: argparse.Namespace, big: bool) -> dict[str, An
     gc.collect()
 
     if not args.no_experiments and glibc_mallopt() is not None and "ours_fp32" in results:
-        specs = only([Spec("exp_keep_heap", keep_heap=True), best_spec(results)], args, skipped)
+        plain = Spec("exp_keep_heap_plain_head", keep_heap=True, plain_head=True)
+        specs = [Spec("exp_keep_heap", keep_heap=True), plain, best_spec(results)]
+        specs = only(specs, args, skipped)
         log.info("%s, phase 2 (glibc heap kept): %s", setup.label, specs)
         with keep_freed_memory():
             contenders = [build(spec) for spec in specs]
