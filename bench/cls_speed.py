@@ -81,7 +81,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from machine import log_machine
+from machine import best_peaks, log_machine, measure_peaks, utilisation
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
@@ -333,6 +333,20 @@ def measure(contenders: list[Contender], warmup: int, steps: int, rounds: int) -
                      steps, sum(seconds), BATCH_SIZE * steps / sum(seconds), os.getloadavg()[0])  # fmt: skip
 
 
+def flops_per_token(cfg: GPTConfig, mode: str, width: float) -> float:
+    """Model FLOPs per padded token of one training step at a mean batch width of `width` tokens.
+
+    Forward: 2 per weight of the blocks' Linears (12 * n_layers * emb_dim^2 of them; the 2-way head is
+    negligible) + 4 * n_layers * width * emb_dim for attention. The backward pass costs the forward
+    twice where weights train (full: 3x the forward in all), once where only the input gradient flows
+    (lora: every Linear is wrapped, so it flows through every block and the rank-16 products are
+    negligible: 2x), and last-block trains one block (1 + 2 / n_layers times the forward).
+    """
+    forward = 2 * 12 * cfg.n_layers * cfg.emb_dim**2 + 4 * cfg.n_layers * width * cfg.emb_dim
+    factor = {"full": 3.0, "lora": 2.0, "last-block": 1 + 2 / cfg.n_layers}[mode]
+    return factor * forward
+
+
 def summarize(c: Contender, warmup: int, steps: int) -> dict[str, Any]:
     timed = slice(warmup, warmup + steps)
     examples, real, padded = BATCH_SIZE * steps, sum(c.real_tokens[timed]), BATCH_SIZE * sum(c.width[timed])
@@ -408,6 +422,9 @@ def run_mode(mode: str, cfg: GPTConfig, base_dir: Path, dataset: ClassificationD
     contenders = [book, ours, ours120]
     measure(contenders, args.warmup, args.steps, args.rounds)
     results = {c.name: summarize(c, args.warmup, args.steps) for c in contenders}
+    for c in contenders:
+        width = statistics.mean(c.width[args.warmup : args.warmup + args.steps])
+        results[c.name]["model_flops_per_padded_token"] = round(flops_per_token(cfg, mode, width))
     book_eps, book_cpu = results["book"]["examples_per_s"], results["book"]["examples_per_cpu_s"]
     for c in contenders:
         r = results[c.name]
@@ -489,12 +506,12 @@ def display_path(path: Path) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{'mode':<11} {'contender':<12} {'examples/s':>10} {'real tok/s':>10} {'step s':>7} {'vs book':>8} "
-          f"{'paired':>7} {'CPU-time':>8}")  # fmt: skip
+          f"{'paired':>7} {'CPU-time':>8} {'MFU':>5}")  # fmt: skip
     for mode, section in result["modes"].items():
         for name, r in section["contenders"].items():
             print(f"{mode:<11} {name:<12} {r['examples_per_s']:>10.2f} {r['real_tokens_per_s']:>10.1f} "
                   f"{r['step_s_median']:>7.3f} {r['ratio_vs_book']:>7.2f}x {r['ratio_vs_book_round_median']:>6.2f}x "
-                  f"{r['ratio_vs_book_cpu_time']:>7.2f}x")  # fmt: skip
+                  f"{r['ratio_vs_book_cpu_time']:>7.2f}x {r['mfu_fp32']:>5.0%}")  # fmt: skip
     goal = result["goal"]
     print(f"\ntarget ours >= {goal['target_ratio_vs_book']:g}x book: "
           + ", ".join(f"{m} {'met' if ok else 'NOT met'} ({goal['ratio_ours_vs_book'][m]:.2f}x)"
@@ -510,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     machine = log_machine(log)
+    peaks_start = measure_peaks()
+    log.info("matmul GFLOP/s: %s", peaks_start)
     seed = cls_params(MODES[0]).train.seed
     cfg = base_config(args.base)
     heap = keep_freed_memory() if args.keep_heap else contextlib.nullcontext()
@@ -540,6 +559,12 @@ def main(argv: list[str] | None = None) -> None:
             log.info("%s: examples/s %s", mode, {k: (v["examples_per_s"], v["ratio_vs_book"])
                                                  for k, v in modes[mode]["contenders"].items()})  # fmt: skip
 
+    peaks_end = measure_peaks()
+    peaks = best_peaks(peaks_start, peaks_end)
+    for section in modes.values():
+        for r in section["contenders"].values():
+            r["mfu_fp32"] = utilisation(r["padded_tokens_per_s"] * r["model_flops_per_padded_token"] / 1e9,
+                                        peaks["fp32"])  # fmt: skip
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     ratios = {m: s["ratio_ours_vs_book"] for m, s in modes.items()}
     cross = {m: {k: s["contenders"]["ours"][k] for k in ("ratio_vs_book_round_median", "ratio_vs_book_cpu_time")}
@@ -552,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
         "the book's chapter-6 train_classifier_simple, per mode",
         "command": shlex.join(["python", "bench/cls_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
+        "matmul_gflops": {"start": peaks_start, "end": peaks_end, "peak": peaks},
+        "mfu": "padded tokens/s * model_flops_per_padded_token (see flops_per_token) / the fp32 matmul peak",
         "book": book_reference(),
         "settings": settings,
         "base": {"name": args.base, "config": cfg.to_dict(), "parameters": n_params, "weights": "random",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from machine import machine_facts
 
 from scratchgpt import compare
 from scratchgpt.plumbing import cli, tracking
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python bench/compare_speed.py", *(argv if argv is not None else sys.argv[1:])]),
         "store": {"pipelines": args.pipelines, "generation_s": round(gen_s, 1), **counts},
         "results": results, "target_s": TARGET_S, "worst_median_s": worst, "meets_target": worst <= TARGET_S,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": machine_facts(),
     })  # fmt: skip
     log.info("worst median %.2f s (target %.1f s); wrote %s", worst, TARGET_S, args.out)
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_facts
 
 from scratchgpt.apps import serving
 from scratchgpt.plumbing import cli, tracking
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python bench/registry_cost.py",
         "configs": {name: json.loads((Path(e["model_dir"]) / "config.json").read_text())["model"]
                     for name, e in results.items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": machine_facts(),
         "results": results,
     })  # fmt: skip
     log.info("wrote %s", args.out)

@@ -13,7 +13,10 @@ one process:
 Two workloads: `eos` (what the stage does: stop at end-of-text, so a model that answers briefly generates
 few tokens) and `full` (no stop: every prompt gets `--max-new-tokens` tokens, a throughput measure). Runs
 are interleaved over `--rounds`; the median time is reported, as generated tokens per second, with the
-check that both produce the same tokens. Results go to `bench/results/respond_speed.json`.
+check that both produce the same tokens, and MFU: 2 FLOPs per weight of every Linear per generated token
+(the book's loop re-reads the whole sequence, so its real work is larger) against the fp32 matmul peak
+measured before and after (`bench/machine.py`, as the machine's CPU model and flags). Results go to
+`bench/results/respond_speed.json`.
 
     python bench/respond_speed.py                 # after `dvc repro instruct-finetune`
     python bench/respond_speed.py --quick         # one round, 24 prompts
@@ -24,13 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from machine import best_peaks, log_machine, measure_peaks, utilisation
 
 from scratchgpt.apps.instruct import END_OF_TEXT, InstructionDataset
 from scratchgpt.nn.checkpoint import load_model
@@ -94,11 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
     cli.setup_logging()
+    machine = log_machine(log)
+    peaks_start = measure_peaks()
     params = read_params("params.yaml")["instruct"]
     new = args.max_new_tokens or params["max_new_tokens"]
     batch = args.batch_size or params["generate_batch_size"]
     ours = load_model(args.model)
     book = book_model(ours)
+    linears = {id(m.weight): m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear)}
+    flops_per_token = 2 * sum(linears.values())
     prompts = [p.tolist() for p in InstructionDataset(args.data).prompts]
     if args.quick:
         prompts, args.rounds = prompts[:24], 1
@@ -127,13 +134,18 @@ def main(argv: list[str] | None = None) -> None:
                  entry["book"]["tokens_per_s"], entry["ours"]["tokens_per_s"], entry["speedup"],
                  entry["same_tokens"])  # fmt: skip
 
+    peaks = best_peaks(peaks_start, measure_peaks())
+    for entry in results.values():
+        for name in ("book", "ours"):
+            entry[name]["mfu_fp32"] = utilisation(entry[name]["tokens_per_s"] * flops_per_token / 1e9, peaks["fp32"])
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, {
         "benchmark": "110 test responses: batched KV-cached generate_batch vs the book's per-example generate loop",
         "command": "python bench/respond_speed.py" + (" --quick" if args.quick else ""),
         "model": {"path": str(args.model), **json.loads((args.model / "config.json").read_text())["model"]},
         "prompts": len(prompts), "max_new_tokens": new, "batch_size": batch, "rounds": args.rounds,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine, "matmul_gflops": {"start": peaks_start, "peak": peaks},
+        "flops_per_token": flops_per_token,
         "results": results,
     })  # fmt: skip
     log.info("wrote %s", args.out)

@@ -31,6 +31,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from machine import machine_facts
+
 from scratchgpt.plumbing import cli
 
 log = logging.getLogger("bench.tokenize_speed")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"token counts disagree: stream {stream['tokens']}, raw {raw['tokens']} + separators")
     results = {
         "command": " ".join(["python", "bench/tokenize_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {**machine_facts(), "platform": platform.platform()},
         "corpus_mb": round(total, 2),
         "raw_tiktoken": raw,
         "encode_corpus": stream,

@@ -4,7 +4,20 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from scratchgpt.nn.model import PRESETS, GPTConfig, GPTModel, MultiHeadAttention
+from scratchgpt.nn.model import (
+    FAST_DECODE_MAX_ROWS,
+    FAST_DECODE_MIN_WEIGHTS,
+    HEAD_PAD_MIN_ROWS,
+    HEAD_PAD_MULTIPLE,
+    PRESETS,
+    GPTConfig,
+    GPTModel,
+    MultiHeadAttention,
+    fast_decode,
+    head,
+    linear,
+    set_fast_decode,
+)
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -163,3 +176,130 @@ def test_last_only_head_equals_the_last_position_of_the_full_logits():
         full = model(x)
     assert last.shape == (2, 1, TINY.vocab_size)
     torch.testing.assert_close(last, full[:, -1:])
+
+
+@pytest.mark.parametrize("rows", [1, 3, FAST_DECODE_MAX_ROWS, FAST_DECODE_MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_equals_f_linear(rows, bias, monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 200, bias=bias)
+    x = torch.randn(1, rows, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    old = set_fast_decode(False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias))
+    finally:
+        set_fast_decode(old)
+
+
+def test_decode_linear_leaves_training_bf16_and_wrapped_layers_to_the_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(1, 1, 8, requires_grad=True)
+    out = linear(layer, x)  # autograd on: the layer's own forward, with its gradient
+    assert torch.equal(out, layer(x))
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        bf16 = torch.nn.Linear(8, 4).to(torch.bfloat16)
+        assert torch.equal(linear(bf16, x.detach().bfloat16()), bf16(x.detach().bfloat16()))
+        wrapped = torch.nn.Sequential(layer)
+        assert torch.equal(linear(wrapped, x.detach()), layer(x.detach()))
+
+
+def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits(monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
+    x = torch.randint(0, TINY.vocab_size, (1, 10))
+
+    def decode():
+        caches = model.new_kv_cache(1)
+        with torch.inference_mode():
+            return torch.cat([model(x[:, :4], caches)] + [model(x[:, i : i + 1], caches) for i in range(4, 10)], 1)
+
+    fast = decode()
+    old = set_fast_decode(False)
+    try:
+        plain = decode()
+    finally:
+        set_fast_decode(old)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_stacks_query_key_value_and_follows_weight_updates(monkeypatch):
+    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
+    x = torch.randint(0, TINY.vocab_size, (1, 6))
+
+    def decode_last():
+        caches = model.new_kv_cache(1)
+        with torch.no_grad():
+            model(x[:, :5], caches)
+            return model(x[:, 5:], caches)
+
+    torch.testing.assert_close(decode_last(), model(x).detach()[:, 5:], atol=1e-5, rtol=1e-5)
+    att = model.trf_blocks[0].att
+    with torch.no_grad():
+        stacked = fast_decode(torch.ones(1, 1, TINY.emb_dim), att.W_query)
+    assert stacked == torch.backends.mkldnn.is_available()
+    assert (att._fused_qkv is not None) == stacked
+    with torch.no_grad():
+        att.W_key.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        att.W_value.bias.add_(1.0)
+    torch.testing.assert_close(decode_last(), model(x).detach()[:, 5:], atol=1e-5, rtol=1e-5)
+    model.train()
+    assert att._fused_qkv is None
+
+
+def test_decode_linear_leaves_small_weights_to_the_default_blas():
+    layer = torch.nn.Linear(32, 32)
+    assert layer.weight.numel() < FAST_DECODE_MIN_WEIGHTS
+    with torch.no_grad():
+        assert not fast_decode(torch.ones(1, 1, 32), layer)
+
+
+VOCAB_HEAD = GPTConfig(vocab_size=5003, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_padded_head_gives_the_same_loss_and_gradients(tie, monkeypatch):
+    """`head` pads a vocabulary-sized weight for the forward product: the loss and every gradient are
+    those of the plain `nn.Linear` (up to float rounding)."""
+    cfg = GPTConfig(**{**VOCAB_HEAD.to_dict(), "tie_weights": tie})
+    assert cfg.vocab_size >= HEAD_PAD_MIN_ROWS and cfg.vocab_size % HEAD_PAD_MULTIPLE
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 12))
+    y = torch.randint(0, cfg.vocab_size, (3, 12))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = loss_and_grads()
+    monkeypatch.setattr("scratchgpt.nn.model.HEAD_PAD_MIN_ROWS", 10**9)  # the plain nn.Linear
+    plain = loss_and_grads()
+    torch.testing.assert_close(padded[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert padded[1].keys() == plain[1].keys()
+    for name in plain[1]:
+        torch.testing.assert_close(padded[1][name], plain[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_padded_head_is_used_only_for_fp32_vocabulary_heads():
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 32)
+    vocab = torch.nn.Linear(32, VOCAB_HEAD.vocab_size, bias=False)
+    with torch.no_grad():
+        torch.testing.assert_close(head(vocab, x), F.linear(x, vocab.weight), atol=1e-6, rtol=1e-6)
+        assert head(vocab, x).shape == (2, 20, VOCAB_HEAD.vocab_size)
+    classifier = torch.nn.Linear(32, 2)
+    assert torch.equal(head(classifier, x), classifier(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head(vocab, x), vocab(x))
