@@ -45,8 +45,9 @@ import torch
 from machine import best_peaks, bf16_fast, log_machine, measure_peaks, memory_bandwidth, utilisation
 
 from scratchgpt.nn.checkpoint import load_hf_gpt2
+from scratchgpt.nn.fastpath import set_fast_decode
 from scratchgpt.nn.generate import generate
-from scratchgpt.nn.model import GPTModel, set_fast_decode
+from scratchgpt.nn.model import GPTModel
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.fileio import write_json
 

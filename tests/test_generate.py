@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from scratchgpt.nn.fastpath import set_fast_decode
 from scratchgpt.nn.generate import generate, generate_batch, generate_stream, next_token
-from scratchgpt.nn.model import GPTConfig, GPTModel, set_fast_decode
+from scratchgpt.nn.model import GPTConfig, GPTModel
 
 CFG = GPTConfig(vocab_size=101, context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 
@@ -150,8 +151,8 @@ def test_batched_generation_stops_each_row_at_eos_and_crops_long_prompts():
 
 
 def test_fast_decode_gives_the_same_tokens_as_the_default_blas(model, monkeypatch):
-    """oneDNN's matrix-vector products (`scratchgpt.nn.model.linear`) change no greedy token, batched or not."""
-    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    """oneDNN's matrix-vector products (`scratchgpt.nn.fastpath.linear`) change no greedy token, batched or not."""
+    monkeypatch.setattr("scratchgpt.nn.fastpath.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(3)
     idx = torch.randint(0, CFG.vocab_size, (2, 5))
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]

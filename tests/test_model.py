@@ -4,20 +4,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from scratchgpt.nn.model import (
+from scratchgpt.nn.fastpath import (
     FAST_DECODE_MAX_ROWS,
     FAST_DECODE_MIN_WEIGHTS,
     HEAD_PAD_MIN_ROWS,
     HEAD_PAD_MULTIPLE,
-    PRESETS,
-    GPTConfig,
-    GPTModel,
-    MultiHeadAttention,
     fast_decode,
     head,
     linear,
     set_fast_decode,
 )
+from scratchgpt.nn.model import PRESETS, GPTConfig, GPTModel, MultiHeadAttention
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -181,7 +178,7 @@ def test_last_only_head_equals_the_last_position_of_the_full_logits():
 @pytest.mark.parametrize("rows", [1, 3, FAST_DECODE_MAX_ROWS, FAST_DECODE_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decode_linear_equals_f_linear(rows, bias, monkeypatch):
-    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr("scratchgpt.nn.fastpath.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 200, bias=bias)
     x = torch.randn(1, rows, 48)
@@ -211,7 +208,7 @@ def test_decode_linear_leaves_training_bf16_and_wrapped_layers_to_the_layer():
 
 
 def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits(monkeypatch):
-    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr("scratchgpt.nn.fastpath.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
     x = torch.randint(0, TINY.vocab_size, (1, 10))
@@ -231,7 +228,7 @@ def test_kv_cache_decoding_with_and_without_onednn_gives_the_same_logits(monkeyp
 
 
 def test_decoding_stacks_query_key_value_and_follows_weight_updates(monkeypatch):
-    monkeypatch.setattr("scratchgpt.nn.model.FAST_DECODE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr("scratchgpt.nn.fastpath.FAST_DECODE_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(**{**TINY.to_dict(), "qkv_bias": True})).eval()
     x = torch.randint(0, TINY.vocab_size, (1, 6))
@@ -284,7 +281,7 @@ def test_padded_head_gives_the_same_loss_and_gradients(tie, monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     padded = loss_and_grads()
-    monkeypatch.setattr("scratchgpt.nn.model.HEAD_PAD_MIN_ROWS", 10**9)  # the plain nn.Linear
+    monkeypatch.setattr("scratchgpt.nn.fastpath.HEAD_PAD_MIN_ROWS", 10**9)  # the plain nn.Linear
     plain = loss_and_grads()
     torch.testing.assert_close(padded[0], plain[0], atol=1e-6, rtol=1e-6)
     assert padded[1].keys() == plain[1].keys()
