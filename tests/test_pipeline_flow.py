@@ -231,7 +231,8 @@ def test_an_unreachable_tracking_store_fails_the_flow_before_its_first_task(flow
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         assert client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))) == []
-    assert not (project.root / "dvc.lock").exists() and not (project.root / "data").exists()
+    assert not (project.root / "dvc.lock").exists()
+    assert [p.name for p in (project.root / "data").iterdir()] == ["external"]  # your own data's folder, only
     # the command line: one line, exit 2, before a flow run exists
     proc = project.run(sys.executable, "flows/pipeline.py", check=False, timeout=120, env={"MLFLOW_TRACKING_URI": url})
     assert proc.returncode == 2 and f"error: MLflow tracking store {url} is not reachable" in proc.stderr, proc.stderr
@@ -395,12 +396,12 @@ def test_deployment_runs_on_a_process_worker_one_run_at_a_time(first_run, prefec
     assert task_graph(prefect_server, good, {*DAG, "save-experiment"}) == {**DAG, "save-experiment": ["evaluate"]}
     assert parent_of(project, bad)[0].info.status == "FAILED"
 
-    # DVC: the good run is an experiment with its own classifier metrics, and the workspace is the baseline's
+    # DVC: the good run is an experiment with its params, and the workspace is the baseline's
     # again after both runs: params.yaml, dvc.lock, the metrics and models, `dvc status`
     experiment = parent.data.tags["dvc_exp_name"]
     shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
     exps = {e["name"]: e["revs"][0]["data"] for b in shown for e in b.get("experiments") or []}
-    assert exps[experiment]["metrics"]["metrics/cls.json"]["data"] != json.loads(before["cls"])
+    assert exps[experiment]["params"]["params.yaml"]["data"]["cls"]["train"]["lr"] == 0.001  # the preset's
     assert workspace(project) == before
 
 

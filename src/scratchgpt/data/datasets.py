@@ -149,7 +149,8 @@ def read_label_info(source: pa.Table | pa.Schema | str | os.PathLike[str]) -> La
     """The `LabelInfo` of a labelled table, schema or Parquet file; DatasetError when it has none."""
     schema = source.schema if isinstance(source, pa.Table) else source
     if not isinstance(schema, pa.Schema):
-        schema = pq.read_schema(source)
+        with _readable_parquet(source):
+            schema = pq.read_schema(source)
     raw = (schema.metadata or {}).get(LABELS_METADATA_KEY)
     if raw is None:
         raise DatasetError(f"{source if not isinstance(source, pa.Table | pa.Schema) else 'table'}: no label names "

@@ -34,7 +34,7 @@ from scratchgpt.apps.classify import (
     real_tokens,
     save_classifier,
 )
-from scratchgpt.data.datasets import SPAM_INFO, DatasetError, LabelInfo, read_label_info
+from scratchgpt.data.datasets import SPAM_INFO, DatasetError, LabelInfo, read_label_info, read_parquet
 from scratchgpt.nn import checkpoint, lora
 from scratchgpt.nn.model import GPTModel
 from scratchgpt.pipeline import stage
@@ -264,9 +264,7 @@ def test_metrics(model: GPTModel, test: ClassificationDataset, info: ClassifierI
 
 def _example_texts(data_dir: Path, n: int = 2) -> list[str]:
     """The first test texts: the registered model's input example."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(data_dir / "test.parquet", columns=["text"]).column("text").to_pylist()[:n]
+    return read_parquet(data_dir / "test.parquet", columns=["text"]).column("text").to_pylist()[:n]
 
 
 def stage_metrics(result: TrainResult, test: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
