@@ -187,3 +187,19 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
         yield Server(url, home, {**env, "PREFECT_API_URL": url})
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def cls_project(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -> DvcProject:
+    """The tiny pipeline reproduced up to lora-cls-finetune and committed, with a local MLflow store: the baseline
+    of the classifier's DVC experiments (tests/test_compare.py) and sweeps (tests/test_sweep.py), made once. Tests
+    add experiments and their runs; the names they use are their own (`cls-MODE`, `<sweep>-...`)."""
+    root = tmp_path_factory.mktemp("cls_project")
+    project = make_dvc_project(root / "project", mirror_dir, f"sqlite:///{root / 'mlflow.db'}")
+    write_tiny_params(project.path)
+    with (project.path / ".gitignore").open("a") as f:
+        f.write("/reports/sweeps/\n")  # as this repository's .gitignore has it
+    project.run("dvc", "repro", "lora-cls-finetune", timeout=900)
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "tiny pipeline up to the classifier")
+    return project

@@ -135,7 +135,8 @@ def load_splits(params: ClsParams, paths: ClsPaths, context_length: int) -> tupl
             f"cls.max_length ({params.max_length}) exceeds the base model's context length ({context_length})"
         )
     stage.require_files([paths.data_dir / f"{split}.parquet" for split in stage.SPLITS], "sample-to-parquet")
-    infos = {split: read_label_info(paths.data_dir / f"{split}.parquet") for split in stage.SPLITS}
+    with stage.made_by("sample-to-parquet", paths.data_dir):
+        infos = {split: read_label_info(paths.data_dir / f"{split}.parquet") for split in stage.SPLITS}
     info = infos["train"]
     if any(other.labels != info.labels for other in infos.values()):
         raise DatasetError(f"{paths.data_dir}: the splits name different classes; rerun sample-to-parquet")
