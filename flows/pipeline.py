@@ -477,10 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipeline interrupted", file=sys.stderr)
         return 130
-    if not state.is_completed():
-        print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(state, "pipeline")
+
+
+def exit_code(state: State, what: str) -> int:
+    """The command line's exit status for a finished flow run: 0, or 1 with its state on stderr."""
+    if state.is_completed():
+        return 0
+    print(f"{what} {state.name}: {state.message}", file=sys.stderr)
+    return 1
 
 
 def exit_on_sigterm(signum, frame) -> None:

@@ -378,10 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop_members()
         print("sweep interrupted: its running members were stopped", file=sys.stderr)
         return 130
-    if not state.is_completed():
-        print(f"sweep {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return pipeline_flow.exit_code(state, "sweep")
 
 
 def _interrupted(signum, frame, *, temporary_server: bool) -> None:

@@ -40,31 +40,34 @@ class Slow:
 Action = Reply | Status | Slow
 
 
-class FakeOllama:
+class ScriptedServer:
+    """The threaded HTTP server on 127.0.0.1 a fake judge runs: each chat request is answered by the next of
+    `script`, then by `answer(body)`; `chats` holds the bodies in arrival order. A subclass passes the request
+    handler factory and says its `url`."""
+
     def __init__(
         self,
-        answer: Callable[[dict], Action] = lambda body: Reply("50"),
-        *,
-        script: Iterable[Action] = (),
-        models: Iterable[str] = ("llama3:latest",),
+        answer: Callable[[dict], Action],
+        script: Iterable[Action],
+        models: Iterable[str],
+        handler_for: Callable[[ScriptedServer], type[BaseHTTPRequestHandler]],
     ) -> None:
         self.answer = answer
         self.script = list(script)
         self.models = list(models)
         self.chats: list[dict] = []
-        self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> FakeOllama:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -80,6 +83,22 @@ class FakeOllama:
             if self.script:
                 return self.script.pop(0)
         return self.answer(body)
+
+
+class FakeOllama(ScriptedServer):
+    def __init__(
+        self,
+        answer: Callable[[dict], Action] = lambda body: Reply("50"),
+        *,
+        script: Iterable[Action] = (),
+        models: Iterable[str] = ("llama3:latest",),
+    ) -> None:
+        self.requests: list[tuple[str, str]] = []
+        super().__init__(answer, script, models, _handler_for)
+
+    @property
+    def url(self) -> str:
+        return self.address
 
 
 def tags_body(models: list[str]) -> dict:

@@ -15,16 +15,15 @@ action per request, in order), then from `answer(body)`. With `key` set, a reque
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from ollama_server import Action, Reply, Slow, Status
+from ollama_server import Action, Reply, ScriptedServer, Slow, Status
 
 __all__ = ["FakeOpenAI", "Reply", "Slow", "Status"]
 
 
-class FakeOpenAI:
+class FakeOpenAI(ScriptedServer):
     def __init__(
         self,
         answer: Callable[[dict], Action] = lambda body: Reply("50"),
@@ -33,40 +32,14 @@ class FakeOpenAI:
         models: Iterable[str] = ("judge-model",),
         key: str | None = None,
     ) -> None:
-        self.answer = answer
-        self.script = list(script)
-        self.models = list(models)
         self.key = key
-        self.chats: list[dict] = []
         self.headers: list[dict[str, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        super().__init__(answer, script, models, _handler_for)
 
     @property
     def url(self) -> str:
         """The API's base URL (what evaluate.url takes)."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def __enter__(self) -> FakeOpenAI:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-    def _next_action(self, body: dict) -> Action:
-        with self._lock:
-            self.chats.append(body)
-            if self.script:
-                return self.script.pop(0)
-        return self.answer(body)
+        return f"{self.address}/v1"
 
 
 def completion_body(model: str, text: str) -> dict:

@@ -110,22 +110,36 @@ def parse_score(reply: str | None) -> int | None:
 class Judge:
     """A judge model behind an HTTP API: asks the book's question, retries transient failures, reads the score.
 
-    A backend sets `retries`, `backoff`, `_sleep` and `_errors` (what a request can raise) and implements
-    `describe`, `probe`, `_reply(prompt)` (one request: the reply's text) and `_transient(exc)`.
+    A backend calls this `__init__` (URL, model, timeout, retries, backoff), sets `_errors` (what a request can
+    raise) and implements `describe`, `probe`, `_reply(prompt)` (one request: the reply's text) and
+    `_transient(exc)`.
     """
 
     options: Mapping[str, object] = OPTIONS
     """The request options the judge is asked with (the book's, as far as the API takes them)."""
     backend: str
     """The `evaluate.judge` value that selects this backend."""
-    model: str
     digest: str | None = None
     """The served model's digest where the server reports one (set by `probe`): a new pull of the same
     name is another judge."""
-    retries: int
-    backoff: float
-    _sleep: Callable[[float], None]
     _errors: tuple[type[BaseException], ...]
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        timeout: float,
+        retries: int,
+        backoff: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.url = url
+        self.model = model
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._sleep = sleep
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -195,14 +209,9 @@ class OllamaJudge(Judge):
         import httpx
         import ollama
 
+        super().__init__(url, model, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
         # what a request can raise: no connection, timeouts and transport errors, HTTP errors, a malformed body
         self._errors = (ConnectionError, httpx.HTTPError, ollama.ResponseError, ollama.RequestError, ValueError)
-        self.url = url
-        self.model = model
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._sleep = sleep
         self._client = ollama.Client(host=url, timeout=timeout)
 
     def describe(self) -> str:

@@ -57,13 +57,8 @@ class OpenAIJudge(Judge):
     ) -> None:
         import httpx
 
-        self.url = url.rstrip("/")
-        self.model = model
+        super().__init__(url.rstrip("/"), model, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
         self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._sleep = sleep
         self._key = os.environ.get(api_key_env) or None
         self._errors = (httpx.HTTPError, StatusError, ValueError, KeyError, IndexError, TypeError)
         self._client = httpx.Client(headers=self._headers(), timeout=timeout)
