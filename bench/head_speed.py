@@ -1,6 +1,6 @@
 """The output head and loss of a gpt2-small training step: the plain product vs the padded one.
 
-`scratchgpt.nn.model.head` multiplies by the head's weight padded with zero rows to a multiple of 64 (50,304
+`scratchgpt.nn.fastpath.head` multiplies by the head's weight padded with zero rows to a multiple of 64 (50,304
 for GPT-2's 50,257). This times forward and backward of the head and the cross-entropy alone, as the book
 preset's step runs them (2 x 256 tokens, emb_dim 768, fp32, glibc's heap kept as `Trainer.fit` keeps it):
 both contenders in one process on the same tensors, in interleaved rounds (median and best reported), with
@@ -23,7 +23,7 @@ import torch
 from machine import best_peaks, log_machine, measure_peaks, utilisation
 from torch.nn import functional as F
 
-from scratchgpt.nn import model as model_module
+from scratchgpt.nn import fastpath
 from scratchgpt.plumbing import cli
 from scratchgpt.plumbing.fileio import write_json
 from scratchgpt.train.memory import keep_freed_memory
@@ -36,16 +36,16 @@ ROWS, EMB, VOCAB = 512, 768, 50257
 def step(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, plain: bool) -> Callable[[], list]:
     """Forward and backward of the head and the loss; returns the loss and the gradients."""
     def run() -> list[torch.Tensor]:
-        old = model_module.HEAD_PAD_MIN_ROWS
-        model_module.HEAD_PAD_MIN_ROWS = 2**62 if plain else old
+        old = fastpath.HEAD_PAD_MIN_ROWS
+        fastpath.HEAD_PAD_MIN_ROWS = 2**62 if plain else old
         try:
             head.weight.grad = None
             x = hidden.clone().requires_grad_()
-            loss = F.cross_entropy(model_module.head(head, x), targets)
+            loss = F.cross_entropy(fastpath.head(head, x), targets)
             loss.backward()
             return [loss.detach(), x.grad, head.weight.grad]
         finally:
-            model_module.HEAD_PAD_MIN_ROWS = old
+            fastpath.HEAD_PAD_MIN_ROWS = old
 
     return run
 

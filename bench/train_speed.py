@@ -14,14 +14,14 @@ Throughput counts forward + backward + optimizer step (batches already in memory
   exp_*           the same step plus a lever the stage has no param for, to see if one is worth adding:
                   exp_vocab64      vocabulary padded to a multiple of 64 (50,304): a bigger model; since
                                    issue 19 ours_* pad only the head's forward product
-                                   (`scratchgpt.nn.model.head`, same numbers), so this shows what is left
+                                   (`scratchgpt.nn.fastpath.head`, same numbers), so this shows what is left
                   exp_threads1     one intra-op thread instead of one per core (CPU preset only)
                   exp_keep_heap    glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, no trim), so
                                    the step's big tensors (logits, gradients) are not mmap'ed and
                                    page-faulted afresh every step
                   exp_keep_heap_plain_head
                                    exp_keep_heap with the output head's plain 50,257-row product (the
-                                   padded one, `scratchgpt.nn.model.head`, switched off): its effect
+                                   padded one, `scratchgpt.nn.fastpath.head`, switched off): its effect
                   exp_best         fp32 + keep_heap + each of compile and vocab64 that was over 2%
                                    faster than ours_fp32 in the first phase
 
@@ -74,7 +74,7 @@ from machine import best_peaks, bf16_fast, log_machine, measure_peaks, utilisati
 from torch.utils.data import TensorDataset
 
 from scratchgpt.data.datasets import SampleParams
-from scratchgpt.nn import model as model_module
+from scratchgpt.nn import fastpath
 from scratchgpt.nn.model import GPTConfig, GPTModel
 from scratchgpt.pipeline.pretrain import PretrainParams
 from scratchgpt.plumbing import cli
@@ -106,13 +106,13 @@ TARGET_FP32_MFU, TARGET_BF16_MFU = 0.70, 0.40  # issue 19's targets at gpt2-smal
 
 @contextlib.contextmanager
 def plain_head(on: bool) -> Iterator[None]:
-    """The output head's plain product (no padding, see `scratchgpt.nn.model.head`) while `on`."""
-    old = model_module.HEAD_PAD_MIN_ROWS
-    model_module.HEAD_PAD_MIN_ROWS = 2**62 if on else old
+    """The output head's plain product (no padding, see `scratchgpt.nn.fastpath.head`) while `on`."""
+    old = fastpath.HEAD_PAD_MIN_ROWS
+    fastpath.HEAD_PAD_MIN_ROWS = 2**62 if on else old
     try:
         yield
     finally:
-        model_module.HEAD_PAD_MIN_ROWS = old
+        fastpath.HEAD_PAD_MIN_ROWS = old
 
 
 @contextlib.contextmanager
