@@ -276,6 +276,7 @@ def test_bad_data_fails_before_any_work(workdir: Path, caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_lora_fine_tuning_killed_mid_run_resumes_to_identical_weights(workdir: Path, tmp_path: Path, caplog):
     caplog.set_level(logging.INFO)
     set_cls(workdir, {"train": {"epochs": 4, "batch_size": 4, "checkpoint_every": 6}})

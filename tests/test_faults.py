@@ -167,6 +167,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_logging_in_the_background_never_holds_up_the_caller_and_catches_up_or_fails_at_the_end(
     server: MlflowServerProcess, monkeypatch: pytest.MonkeyPatch
 ):
@@ -208,6 +209,7 @@ def test_logging_in_the_background_never_holds_up_the_caller_and_catches_up_or_f
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_tracking_server_killed_mid_training_costs_no_result(workdir: Path, server: MlflowServerProcess):  # noqa: F811
     """The issue's second case: training goes on, the outputs are written, the stage fails in one line (DVC
     records nothing MLflow lacks), and the rerun reuses the finished checkpoint and logs in seconds."""
@@ -303,6 +305,7 @@ def _limit_file_size(limit: int):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(workdir: Path):  # noqa: F811
     cmd = [sys.executable, "stages/lora_cls_finetune.py"]
     env = stage_env(SCRATCHGPT_TRACKING="0")
@@ -350,6 +353,7 @@ def run_cls_stage(caplog) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_truncated_checkpoint_file_stops_the_stage_with_the_ways_on(workdir: Path, caplog, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SCRATCHGPT_REGISTER", "0")  # not what is tested; it takes seconds
     set_cls(workdir, {"train": {"epochs": 1}})

@@ -199,6 +199,7 @@ def test_book_preset_is_chapter_7():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_nproc_2_trains_under_torchrun_and_rank_0_answers(workdir: Path, tmp_path: Path):
     """`instruct.train.nproc: 2`: the stage relaunches itself as two gloo processes; rank 0 alone writes
     the model, the responses, the metrics and the one MLflow run, which records the world size."""

@@ -232,6 +232,7 @@ def test_the_books_name_is_refused_for_your_data(project) -> None:
     assert not (project.path / "models" / "spam-classifier").exists()
 
 
+@pytest.mark.heavy
 def test_editing_one_row_reruns_from_the_stage_that_reads_it(project) -> None:
     """Run last: it changes the project."""
     path = project.path / "data" / "external" / "tickets" / "train.csv"

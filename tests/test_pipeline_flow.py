@@ -418,6 +418,7 @@ def workspace(project: Project) -> dict:
 # --- killed mid-pretrain, run again -----------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_a_run_killed_mid_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(first_run, project, tmp_path):
     """`python flows/pipeline.py`, SIGKILLed (its whole process group: flow, dvc, stage) between two
     checkpoints of pretrain; the next run resumes there and ends with the first run's weights, bit for bit."""

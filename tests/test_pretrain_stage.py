@@ -266,6 +266,7 @@ def test_preset_with_an_unknown_key_or_invalid_value_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(dvc_project):
     repo, run = dvc_project.path, dvc_project.run
     tiny = {"sample": {"max_length": MAX_LENGTH, "stride": STRIDE}, "pretrain": {"preset": "tiny", **TINY}}
@@ -305,6 +306,7 @@ def test_dvc_exp_run_with_a_preset_then_repro_resumes_the_persistent_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_code_change_dvc_sees_retrains_from_scratch_and_no_change_is_a_no_op(dvc_project):
     """Issue 11: a rerun DVC triggers through any code dep never reuses the old code's checkpoint."""
     repo, run = dvc_project.path, dvc_project.run

@@ -94,6 +94,7 @@ def test_temp_experiment_registers_both_models_in_the_project_store(project):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_queued_experiments_run_at_once_and_register_in_the_project_store(project):
     experiments = {"queued-cls": (CLS,), "queued-instruct": (INSTRUCT,)}
     for name, stages in experiments.items():

@@ -236,6 +236,7 @@ def compare_rows(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ctrl_c_stops_the_running_members_and_leaves_nothing_running(swept, prefect_server):
     project = swept[0]
     before = workspace_state(project)
@@ -278,6 +279,7 @@ def _member_stages(root_pid: int, prefix: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_members_spread_over_two_workers_of_one_pool(swept, prefect_server, tmp_path):
     """--pool: each member a flow run of prefect.yaml's `gpu` deployment (its pull steps, `dvc repro --pull`, the
     experiment pushed) on one of two process workers of one pool, each in its own clone of a bare git remote with
