@@ -234,6 +234,7 @@ def cls_experiments(cls_project):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_three_cls_modes_run_as_dvc_experiments_are_compared_in_one_command(cls_experiments):
     project = cls_experiments
     names = [f"cls-{m}" for m in MODES]
@@ -270,6 +271,7 @@ def test_three_cls_modes_run_as_dvc_experiments_are_compared_in_one_command(cls_
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_modes_runs_are_named_apart_in_an_experiment_marked_as_model_training(cls_experiments):
     """What MLflow's runs list shows for the three DVC experiments: a name per run that says its mode and
     experiment, in an experiment its UI opens on the runs."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import prefect_client
+from helpers import prefect_client, stop_group
 
 from scratchgpt import compare
 from scratchgpt import sweep as sw
@@ -324,8 +324,7 @@ def test_members_spread_over_two_workers_of_one_pool(swept, prefect_server, tmp_
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
     finally:
         for w in workers:
-            os.killpg(w.pid, signal.SIGTERM)
-            w.wait(timeout=60)
+            stop_group(w, timeout=30)
     shown = experiments_shown(project)
     assert {"pool-lora", "pool-full"} <= set(shown)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
